@@ -1,0 +1,142 @@
+"""Command line: ``llmprune prune | eval | info``. Parses, calls the API, prints."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LLMPruneError
+
+EPILOG = """examples:
+  llmprune prune ../shared/models/smollm2-135m-instruct-q4_1 --method wanda --pattern 2:4 --out smollm2-wanda-24
+  llmprune eval smollm2-wanda-24 --ppl wikitext2 --window-stride 8
+  llmprune info smollm2-wanda-24
+"""
+
+
+# CLI flags forwarded to the pruner's constructor when given.
+PRUNER_OPTIONS = ("blocksize", "percdamp")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="dtype to load the model in (default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pruners import PRUNERS
+
+    parser = argparse.ArgumentParser(prog="llmprune", description="Post-training pruning for LLMs.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prune = commands.add_parser("prune", help="prune a model layer by layer and save it",
+                                description="Prune a causal LM one decoder layer at a time on calibration text and save the result.")
+    prune.add_argument("model", help="local HF directory, .gguf file or directory, or a Hub id")
+    prune.add_argument("--method", default="wanda", help=f"one of: {', '.join(sorted(PRUNERS))} (default wanda)")
+    prune.add_argument("--pattern", default=None, help="'unstructured' (default) or N:M such as 2:4 or 4:8 (N kept of every M)")
+    prune.add_argument("--sparsity", type=float, default=None, help="fraction pruned per row for unstructured, in [0, 1) (default 0.5)")
+    prune.add_argument("--calib", default="wikitext2", help="wikitext2, c4, or a local .txt/.json/.jsonl/.parquet file")
+    prune.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    prune.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    prune.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
+    prune.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per lazy-update block (default 128)")
+    prune.add_argument("--percdamp", type=float, default=None, help="SparseGPT: damping as a fraction of mean diag(H) (default 0.01)")
+    prune.add_argument("--out", required=True, help="output directory (written atomically)")
+    prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    _add_common(prune)
+
+    evaluate = commands.add_parser("eval", help="measure perplexity of a model or a pruned checkpoint",
+                                   description="Perplexity with the paper protocol: non-overlapping windows of --seqlen.")
+    evaluate.add_argument("model", help="checkpoint directory, .gguf, or Hub id")
+    evaluate.add_argument("--ppl", default="wikitext2", help="wikitext2, c4, or a local text file")
+    evaluate.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
+    evaluate.add_argument("--window-stride", type=int, default=1, help="score every k-th window only (protocol subset: 8)")
+    evaluate.add_argument("--json", default=None, help="also write the result to this JSON file")
+    _add_common(evaluate)
+    evaluate.set_defaults(batch_size=1)
+
+    info = commands.add_parser("info", help="show the recipe, per-layer sparsity and size of a pruned checkpoint")
+    info.add_argument("directory")
+    info.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from . import models
+    from .formats import save
+    from .formats.checkpoint import check_output_dir
+    from .patterns import parse_pattern
+    from .pipeline import prune
+    from .pruners import make_pruner
+
+    options = {k: getattr(args, k) for k in PRUNER_OPTIONS if getattr(args, k) is not None}
+    make_pruner(args.method, **options)
+    parse_pattern(args.pattern, args.sparsity)
+    check_output_dir(args.out, args.overwrite)
+    model, tokenizer = models.load(args.model, args.dtype)
+    prune(model, method=args.method, pattern=args.pattern, sparsity=args.sparsity, calib_spec=args.calib,
+          nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
+          batch_size=args.batch_size, tokenizer=tokenizer, progress=not args.quiet, **options)
+    summary = model.llmprune_report["summary"]
+    save(model.to("cpu"), args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(f"pruned {args.model} with {args.method} {model.llmprune_report['recipe']['pattern']}: "
+          f"sparsity {summary['sparsity']:.4f} of {summary['prunable_params']:,} prunable weights "
+          f"in {summary['seconds']:.1f} s; saved to {args.out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval import perplexity
+    from .models import load_model
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    result = perplexity(model, args.ppl, seqlen=args.seqlen, window_stride=args.window_stride,
+                        batch_size=args.batch_size, progress=not args.quiet)
+    print(result.describe())
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, **result.to_json()}, indent=1))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .formats import read_report
+
+    report = read_report(args.directory)
+    recipe, summary = report["recipe"], report["summary"]
+    calib = recipe["calibration"]
+    print(f"{args.directory}: {recipe['method']} {recipe['pattern']} from {recipe.get('source')}")
+    print(f"calibration: {calib['spec']}, {calib['nsamples']} x {calib['seqlen']} tokens, seed {calib['seed']}")
+    print(f"sparsity {summary['sparsity']:.4f} over {summary['prunable_params']:,} prunable weights, "
+          f"pruned in {summary['seconds']} s")
+    files = sorted(Path(args.directory).glob("*.safetensors"))
+    print(f"size on disk: {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB in {len(files)} safetensors file(s)")
+    width = max(len(layer["name"]) for layer in report["layers"])
+    print(f"{'linear':<{width}}  {'shape':>11}  {'sparsity':>8}  {'rel_error':>9}")
+    for layer in report["layers"]:
+        shape = "x".join(map(str, layer["shape"]))
+        error = "-" if layer["rel_error"] is None else f"{layer['rel_error']:.4f}"
+        print(f"{layer['name']:<{width}}  {shape:>11}  {layer['sparsity']:>8.4f}  {error:>9}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info}[args.command]
+    try:
+        handler(args)
+    except LLMPruneError as exc:
+        if args.debug:
+            raise
+        print(f"llmprune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmprune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Checkpoint directories written atomically: a temp dir beside the target, then one rename.
+
+A crash or a full disk leaves either the previous output or nothing, never a half checkpoint
+that looks complete. The directory is a plain transformers checkpoint plus ``llmprune.json``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import LLMPruneError
+
+REPORT_FILE = "llmprune.json"
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a non-empty output unless ``overwrite``; called before any long work starts."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise LLMPruneError(f"output path {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise LLMPruneError(f"output directory {path} exists and is not empty; pass --overwrite to replace it")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir to fill; on success it replaces ``out`` in one rename, on failure it is removed."""
+    path = check_output_dir(out, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            path.rename(old / path.name)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LLMPruneError(f"could not write {path}: {exc.strerror or exc}; nothing was written there") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write ``model`` (dense safetensors), its tokenizer and ``llmprune.json`` to ``out`` atomically."""
+    tokenizer = tokenizer or getattr(model, "llmprune_tokenizer", None)
+    report = getattr(model, "llmprune_report", None)
+    with atomic_output_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
+    return Path(out)
+
+
+def read_report(directory: str | os.PathLike) -> dict:
+    """The ``llmprune.json`` of a checkpoint, with a clear error when it is missing or corrupt."""
+    path = Path(directory) / REPORT_FILE
+    if not path.exists():
+        raise LLMPruneError(f"{directory} has no {REPORT_FILE}: it was not written by llmprune prune")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LLMPruneError(f"{path} is corrupt: {exc}") from exc

@@ -1,0 +1,158 @@
+"""Load a causal LM and find what the streaming engine needs: the decoder layers and their linears.
+
+One generic adapter instead of per-family tables: the decoder stack is the ``nn.ModuleList``
+of identical blocks holding the most parameters, and the prunable linears are every
+``nn.Linear`` (or GPT-2 ``Conv1D``, stored transposed) inside those blocks. Linears that read
+the same input (q/k/v, gate/up) are grouped at run time by tensor identity in ``stream.py``,
+which works for fused and unfused projections alike.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import LLMPruneError
+
+# Leaf names of linears inside a decoder layer that are not weight matrices worth pruning:
+# mixture-of-experts routers choose experts, and pruning them changes routing, not compute.
+ROUTER_NAMES = frozenset({"gate", "router"})
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class Prunable:
+    """One prunable matrix, always seen as ``[out, in]`` whatever the module stores."""
+
+    name: str
+    module: nn.Module
+
+    @property
+    def transposed(self) -> bool:
+        return isinstance(self.module, Conv1D)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``[out, in]`` view of the stored weight (no copy)."""
+        w = self.module.weight.data
+        return w.T if self.transposed else w
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Write a ``[out, in]`` weight back in the module's layout and dtype."""
+        self.weight.copy_(weight)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+class ModelAdapter:
+    """The view of a causal LM that the streaming engine and the pruners work on."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.layers_name, self.layers = self._find_layers(model)
+
+    @staticmethod
+    def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+        best: tuple[int, str, nn.ModuleList] | None = None
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.ModuleList) or len(module) == 0:
+                continue
+            if len({type(block) for block in module}) != 1:
+                continue
+            if not any(_is_linear(m) for m in module[0].modules()):
+                continue
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+        if best is None:
+            raise LLMPruneError(
+                f"unknown architecture {type(model).__name__}: found no stack of decoder layers "
+                f"(an nn.ModuleList of identical blocks containing nn.Linear or Conv1D)"
+            )
+        return best[1], best[2]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def linears(self, index: int) -> dict[str, Prunable]:
+        """Prunable matrices of decoder layer ``index``, keyed by their full module name."""
+        prefix = f"{self.layers_name}.{index}."
+        return {
+            prefix + name: Prunable(prefix + name, module)
+            for name, module in self.layers[index].named_modules()
+            if _is_linear(module) and name.rsplit(".", 1)[-1] not in ROUTER_NAMES
+        }
+
+    def all_linears(self) -> dict[str, Prunable]:
+        return {name: p for i in range(len(self)) for name, p in self.linears(i).items()}
+
+
+def _resolve_gguf(path: Path) -> tuple[Path, str | None]:
+    """Split a checkpoint path into (directory, gguf file name or None)."""
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LLMPruneError(f"{path} is a file but not a .gguf; give a model directory or a .gguf file")
+        return path.parent, path.name
+    if (path / "config.json").exists():
+        return path, None
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return path, ggufs[0]
+    if len(ggufs) > 1:
+        raise LLMPruneError(f"{path} holds several .gguf files ({', '.join(ggufs)}); name one of them")
+    raise LLMPruneError(f"{path} is not a model: it has no config.json and no .gguf file")
+
+
+def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer on CPU from a local directory, a .gguf file, or a Hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source).expanduser()
+    extra: dict[str, str] = {}
+    if path.exists():
+        directory, gguf_file = _resolve_gguf(path)
+        location = str(directory)
+        if gguf_file:
+            extra["gguf_file"] = gguf_file
+    elif _HUB_ID.match(str(source)) and not str(source).startswith("."):
+        location = str(source)
+    else:
+        raise LLMPruneError(f"model path {source} does not exist")
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype or "auto", **extra)
+    except LLMPruneError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+        where = "local checkpoint" if path.exists() else "Hub id (no local path of that name exists)"
+        raise LLMPruneError(f"cannot load model from {source} ({where}): {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    model.llmprune_tokenizer = tokenizer
+    model.llmprune_source = str(source)
+    return model, tokenizer
+
+
+def load_model(source: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Load a (pruned or dense) checkpoint for inference; the tokenizer rides along on the model."""
+    from .stream import resolve_device
+
+    model, _ = load(source, dtype)
+    return model.to(resolve_device(device))

@@ -1,0 +1,31 @@
+"""The contract every pruner follows: declare the statistics it needs, rewrite one weight."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..patterns import Pattern
+from ..stats import InputStats
+
+
+@dataclass
+class Pruned:
+    """A pruned ``[out, in]`` weight (float32, zeros are +0.0) and facts for the layer report."""
+
+    weight: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+class Pruner(Protocol):
+    name: str
+    needs: frozenset[str]
+
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
+        """Prune ``weight`` ``[out, in]`` (float32, a copy the pruner may modify) to ``pattern``."""
+
+
+def apply_keep_mask(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Zero the pruned entries with +0.0 (−0.0 breaks some 2:4 kernels)."""
+    return torch.where(keep, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))

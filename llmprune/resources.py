@@ -1,0 +1,18 @@
+"""Where the offline models and data live: ``$LLMPRUNE_SHARED``, else ``../shared`` beside the repo."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shared_dir() -> Path:
+    """The shared folder (may not exist; callers check the files they need)."""
+    return Path(os.environ.get("LLMPRUNE_SHARED", REPO_ROOT.parent / "shared")).expanduser()
+
+
+def shared_file(*parts: str) -> Path | None:
+    """A file under the shared folder, or None when it is absent."""
+    path = shared_dir().joinpath(*parts)
+    return path if path.exists() else None

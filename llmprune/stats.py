@@ -1,0 +1,69 @@
+"""Statistics of a linear's inputs, accumulated batch by batch as running means.
+
+Running means (rather than sums) keep float32 accumulators in range over long
+calibration sets; the Hessian can be accumulated in float64 for reference tests.
+"""
+from __future__ import annotations
+
+import torch
+
+# Names a pruner can list in ``needs``.
+SQ_NORM = "sq_norm"  # E[x_j²] per input channel (Wanda)
+HESSIAN = "hessian"  # 2·E[x xᵀ] (SparseGPT)
+MOMENTS = "moments"  # E[x_j] and Var[x_j] per input channel (DSnoT)
+KNOWN = frozenset({SQ_NORM, HESSIAN, MOMENTS})
+
+
+class InputStats:
+    """Streaming statistics of one input tensor, shared by every linear that reads it."""
+
+    def __init__(self, in_features: int, needs: frozenset[str], device: torch.device | str = "cpu",
+                 hessian_dtype: torch.dtype = torch.float32) -> None:
+        unknown = set(needs) - KNOWN
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(KNOWN)}")
+        self.in_features = in_features
+        self.needs = frozenset(needs)
+        self.count = 0  # tokens seen
+        self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device) if SQ_NORM in needs else None
+        self.hessian = (torch.zeros(in_features, in_features, dtype=hessian_dtype, device=device)
+                        if HESSIAN in needs else None)
+        self.mean = torch.zeros(in_features, dtype=torch.float64, device=device) if MOMENTS in needs else None
+        self._m2 = torch.zeros(in_features, dtype=torch.float64, device=device) if MOMENTS in needs else None
+
+    def update(self, inputs: torch.Tensor) -> None:
+        """Fold a batch ``[..., in]`` of inputs into the running statistics."""
+        x = inputs.detach().reshape(-1, self.in_features)
+        batch = x.shape[0]
+        if batch == 0:
+            return
+        total = self.count + batch
+        old_share = self.count / total
+        if self.sq_norm is not None:
+            xf = x.float()
+            self.sq_norm.mul_(old_share).add_((xf * xf).sum(0), alpha=1.0 / total)
+        if self.hessian is not None:
+            xh = x.to(self.hessian.dtype)
+            self.hessian.mul_(old_share).addmm_(xh.T, xh, alpha=2.0 / total)
+        if self.mean is not None:
+            # Chan et al.'s parallel update: exact merge of two (count, mean, M2) summaries.
+            xd = x.double()
+            batch_mean = xd.mean(0)
+            delta = batch_mean - self.mean
+            self._m2.add_(((xd - batch_mean) ** 2).sum(0)).add_(delta * delta * (self.count * batch / total))
+            self.mean.add_(delta * (batch / total))
+        self.count = total
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance per input channel."""
+        if self._m2 is None:
+            raise ValueError("variance was not collected; add MOMENTS to the pruner's needs")
+        return self._m2 / max(self.count, 1)
+
+    @property
+    def channel_norm(self) -> torch.Tensor:
+        """‖X_j‖₂ up to a constant factor (sqrt of the mean square), the Wanda activation scale."""
+        if self.sq_norm is None:
+            raise ValueError("sq_norm was not collected; add SQ_NORM to the pruner's needs")
+        return self.sq_norm.sqrt()

@@ -4,9 +4,11 @@ from __future__ import annotations
 from ..errors import LLMPruneError
 from .base import Pruned, Pruner, apply_keep_mask
 from .magnitude import Magnitude
+from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
 PRUNERS: dict[str, type] = {"magnitude": Magnitude, "wanda": Wanda}
+PRUNERS["sparsegpt"] = SparseGPT
 
 
 def make_pruner(method: str, **options) -> Pruner:

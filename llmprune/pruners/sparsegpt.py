@@ -1,0 +1,179 @@
+"""SparseGPT (Frantar & Alistarh, 2023): optimal-brain-surgeon pruning, one input column at a time.
+
+For one output row w and layer inputs x, the error of a pruned row ŵ is E‖(w−ŵ)x‖² = ½δHδᵀ with
+δ = w−ŵ and H = 2·E[xxᵀ] (``InputStats.hessian``). Columns are processed left to right; when
+column j is set to q (its kept value or 0), the columns not yet processed (F = j..in−1) absorb
+the error optimally:
+
+    δ_F = −(w_j − q_j) / [H_F⁻¹]_jj · [H_F⁻¹]_j,:        loss += (w_j − q_j)² / (2·[H_F⁻¹]_jj)
+
+Row j of the upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) is [H_F⁻¹]_j,: / √[H_F⁻¹]_jj, so with
+d_j = U_jj every step reads one row of U:  err = (w_j − q_j)/d_j,  W[:, j+1:] −= err ⊗ U[j, j+1:].
+Columns go in blocks of ``blocksize``: updates inside the block are immediate, the rest of the
+matrix gets one matmul per block (``lazy batch update``; mathematically identical).
+
+Masks are chosen from the OBS score w²/d², using weights already updated by earlier columns:
+  * N:M: at the first column of every group of m, each row prunes its m−n lowest scores there.
+  * Unstructured: the paper picks each block's mask by one threshold over the whole block (all
+    rows), which gives rows different sparsities and every block the same sparsity. Our
+    ``Unstructured`` pattern is per row: every row must hold exactly ``pruned_per_row(in)`` zeros
+    (the contract the pipeline checks). So at the start of each block every row ranks the scores
+    of all its columns not yet processed (current weights, final d) and prunes those of its
+    ``remaining budget`` lowest that fall inside the block; the rest of the budget waits for later
+    blocks, whose scores will have absorbed this block's updates. Rows meet their count exactly,
+    blocks may differ in sparsity (so a block of strong input channels can keep more weights),
+    and with ``blocksize >= in`` this is the one-shot per-row mask. Against a fixed per-block
+    quota (row budget split by block width) it gave 10-55% lower ‖(W−Ŵ)X‖ on synthetic correlated
+    inputs at blocksize 16-32, and stories260K perplexity 167.1 vs 168.7 (50%), 404 vs 423 (70%).
+Ties are broken as everywhere in llmprune: the lower input index is pruned first (stable sort).
+
+H is damped first: inputs that were always 0 (diag H = 0) get diag 1 and their weights are
+zeroed (free to prune); then λ = percdamp·mean(diag H) is added to the diagonal, ×10 per retry
+while the Cholesky factorisation fails (never silently the identity). The factor U depends only
+on the inputs, so it is computed once per ``InputStats`` object and reused by every linear
+reading it (q/k/v, gate/up); the cache holds the stats weakly and is invalidated if they are
+updated again. Work is in the Hessian dtype (float32, or float64 for reference runs).
+
+Report (``Pruned.info``): ``damping`` (λ / mean diag H actually used), ``damp_retries``,
+``obs_loss`` (Σ (w−q)²/(2d²) = ½·tr(δ(H+λI)δᵀ), the predicted mean ‖(W−Ŵ)x‖² per token under the
+damped H), ``dead_inputs``, ``factor_reused``.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LLMPruneError
+from ..patterns import NM, Pattern, Unstructured
+from ..stats import HESSIAN, InputStats
+from .base import Pruned
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
+
+
+@dataclass
+class _Factor:
+    """The upper Cholesky factor of (H + λI)⁻¹ for one InputStats, and how it was obtained."""
+
+    hinv: torch.Tensor  # [in, in], upper triangular
+    dead: torch.Tensor  # bool [in]: inputs that were always exactly zero (diag H == 0)
+    damping: float  # λ as a fraction of mean diag(H)
+    retries: int  # how many times the damping was raised ×10
+    source: tuple  # (tokens seen, Hessian version, device, dtype) the factor was computed from
+
+
+class SparseGPT:
+    name = "sparsegpt"
+    needs = frozenset({HESSIAN})
+    max_damp_retries = 4  # damping ×10 per retry, so at most ×10⁴ the requested percdamp
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01,
+                 hessian_dtype: torch.dtype | str = torch.float32) -> None:
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+            raise LLMPruneError(f"SparseGPT blocksize must be a positive integer (e.g. 128); got {blocksize!r}")
+        if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 < percdamp < float("inf"):
+            raise LLMPruneError(f"SparseGPT percdamp must be a positive fraction of mean diag(H) (e.g. 0.01); "
+                                f"got {percdamp!r}")
+        if isinstance(hessian_dtype, str):
+            hessian_dtype = _DTYPES.get(hessian_dtype.removeprefix("torch."), hessian_dtype)
+        if hessian_dtype not in (torch.float32, torch.float64):
+            raise LLMPruneError(f"SparseGPT hessian_dtype must be float32 or float64; got {hessian_dtype!r}")
+        self.blocksize = blocksize
+        self.percdamp = float(percdamp)
+        self.hessian_dtype = hessian_dtype
+        self._factors: weakref.WeakKeyDictionary[InputStats, _Factor] = weakref.WeakKeyDictionary()
+
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
+        """Prune ``weight`` ``[out, in]`` to ``pattern``; returned (a new tensor) in the dtype it came in,
+        pruned entries +0.0. ``stats.hessian`` is read, never written (q/k/v share it)."""
+        if stats is None or stats.hessian is None:
+            raise LLMPruneError("SparseGPT needs the Hessian of the layer inputs; collect InputStats with HESSIAN")
+        rows, columns = weight.shape
+        if stats.in_features != columns:
+            raise LLMPruneError(f"SparseGPT got a weight with {columns} inputs but a Hessian for {stats.in_features}")
+        pattern.validate("the weight", rows, columns)
+        if isinstance(pattern, NM) and self.blocksize % pattern.m:
+            raise LLMPruneError(f"SparseGPT blocksize {self.blocksize} must be a multiple of M={pattern.m} for pattern "
+                                f"{pattern}; use --blocksize {max(pattern.m, self.blocksize // pattern.m * pattern.m)}")
+        factor, reused = self._factor(stats, weight.device)
+        hinv = factor.hinv
+        work = weight.to(torch.promote_types(weight.dtype, hinv.dtype), copy=True)
+        hinv = hinv.to(work.dtype)
+        work[:, factor.dead] = 0.0  # inputs that are always 0: the weight does nothing, drop it for free
+        zero = torch.zeros((), dtype=work.dtype, device=work.device)
+        loss = torch.zeros((), dtype=work.dtype, device=work.device)
+        if isinstance(pattern, Unstructured):
+            budget = torch.full((rows, 1), pattern.pruned_per_row(columns), device=work.device)
+        for start in range(0, columns, self.blocksize):
+            end = min(start + self.blocksize, columns)
+            block, block_hinv = work[:, start:end].clone(), hinv[start:end, start:end]
+            d = block_hinv.diagonal()
+            errors = torch.zeros_like(block)
+            keep = torch.ones_like(block, dtype=torch.bool)
+            if isinstance(pattern, Unstructured):
+                scores = work[:, start:].square() / hinv.diagonal()[start:].square()
+                keep = _keep_in_block(scores, budget, end - start)
+                budget -= (~keep).sum(-1, keepdim=True)
+            for j in range(end - start):
+                if isinstance(pattern, NM) and j % pattern.m == 0:
+                    group = slice(j, j + pattern.m)
+                    keep[:, group] = pattern.keep_mask(block[:, group].square() / d[group].square())
+                w = block[:, j]
+                q = torch.where(keep[:, j], w, zero)
+                err = (w - q) / d[j]
+                loss += err.square().sum() / 2
+                block[:, j + 1:] -= err[:, None] * block_hinv[j, j + 1:][None, :]
+                block[:, j] = q
+                errors[:, j] = err
+            work[:, start:end] = block
+            work[:, end:] -= errors @ hinv[start:end, end:]
+        info = {"damping": float(f"{factor.damping:.3g}"), "damp_retries": factor.retries,
+                "obs_loss": float(f"{float(loss):.6g}"), "dead_inputs": int(factor.dead.sum()), "factor_reused": reused}
+        return Pruned(work.to(weight.dtype) + 0.0, info)  # + 0.0 turns any −0.0 into +0.0
+
+    def _factor(self, stats: InputStats, device: torch.device) -> tuple[_Factor, bool]:
+        """The cached factor for ``stats`` if it is still current, else a new one."""
+        source = (stats.count, stats.hessian._version, torch.device(device), self.hessian_dtype)
+        cached = self._factors.get(stats)
+        if cached is not None and cached.source == source:
+            return cached, True
+        self._factors[stats] = factor = self._factorise(stats.hessian, source)
+        return factor, False
+
+    def _factorise(self, hessian: torch.Tensor, source: tuple) -> _Factor:
+        """Upper Cholesky factor of (H + λI)⁻¹, raising λ ×10 when H is not positive definite."""
+        h = hessian.to(device=source[2], dtype=self.hessian_dtype, copy=True)  # never touch the shared stats
+        if not torch.isfinite(h).all():
+            raise LLMPruneError("the Hessian of a layer's inputs holds NaN or Inf; the activations overflow "
+                                "(load the model with --dtype float32)")
+        diag = h.diagonal()
+        dead = diag == 0
+        diag[dead] = 1.0
+        mean_diag = diag.mean()
+        damping = self.percdamp
+        for retry in range(self.max_damp_retries + 1):
+            damped = h.clone()
+            damped.diagonal().add_(damping * mean_diag)
+            lower, failed = torch.linalg.cholesky_ex(damped)
+            if not failed:
+                upper, failed = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+                if not failed and torch.isfinite(upper).all():
+                    return _Factor(upper, dead, damping, retry, source)
+            damping *= 10
+        raise LLMPruneError(
+            f"SparseGPT could not factorise a Hessian ({h.shape[0]} inputs): it is not positive definite even with "
+            f"damping {damping / 10:g} × mean diag(H) ({self.max_damp_retries} retries from percdamp {self.percdamp:g}); "
+            f"the calibration inputs are degenerate. Raise --percdamp or use more --nsamples / --seqlen, "
+            f"or compute the Hessian in float64 (hessian_dtype)."
+        )
+
+
+
+def _keep_in_block(scores: torch.Tensor, budget: torch.Tensor, width: int) -> torch.Tensor:
+    """Keep-mask ``[out, width]`` of a block: each row prunes the block's members among its ``budget``
+    (``[out, 1]``) lowest ``scores`` over all remaining columns ``[out, remaining]`` (ties → lower index)."""
+    order = torch.sort(scores, dim=-1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return rank[:, :width] >= budget

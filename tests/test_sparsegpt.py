@@ -1,0 +1,258 @@
+"""SparseGPT against a direct float64 OBS reference, plus its pattern, sharing and damping contracts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmprune.errors import LLMPruneError
+from llmprune.patterns import NM, Unstructured
+from llmprune.pruners import PRUNERS, make_pruner
+from llmprune.pruners.sparsegpt import SparseGPT
+from llmprune.pruners.wanda import Wanda
+from llmprune.stats import HESSIAN, SQ_NORM, InputStats
+
+ROWS, COLUMNS, PERCDAMP = 64, 128, 0.01
+
+
+def correlated_inputs(columns: int = COLUMNS, tokens: int = 512, seed: int = 0, decay: float = 1.0) -> torch.Tensor:
+    """``[tokens, columns]`` inputs X = Z·A: strongly correlated channels, so H is far from diagonal.
+
+    ``decay`` < 1 shrinks the latent factors geometrically down to ``decay``, giving the
+    fast-decaying spectrum of real LLM activations (a few directions carry most of the energy).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(columns, columns, generator=gen, dtype=torch.float64) / columns**0.5
+    mixing += torch.eye(columns, dtype=torch.float64) * 0.3
+    scales = torch.linspace(0.2, 3.0, columns, dtype=torch.float64)
+    latent = torch.randn(tokens, columns, generator=gen, dtype=torch.float64)
+    latent *= torch.logspace(0, torch.log10(torch.tensor(decay)).item(), columns, dtype=torch.float64)
+    return (latent @ mixing) * scales
+
+
+def stats_for(inputs: torch.Tensor, dtype: torch.dtype = torch.float32, needs=frozenset({HESSIAN})) -> InputStats:
+    stats = InputStats(inputs.shape[-1], needs, hessian_dtype=dtype)
+    for batch in inputs.split(128):
+        stats.update(batch)
+    return stats
+
+
+def random_weight(rows: int = ROWS, columns: int = COLUMNS, seed: int = 1) -> torch.Tensor:
+    return torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_obs(weight: torch.Tensor, hessian: torch.Tensor, pattern, reselect_every: int | None = None,
+                  percdamp: float = PERCDAMP):
+    """Column-by-column OBS in float64, no blocks, no lazy updates, no Cholesky trick.
+
+    With F = {j, ..., in−1} the columns not yet fixed, H_F⁻¹ = inv(H[F, F]) directly; pruning
+    column j to q moves the free columns by −(w_j − q)/H_F⁻¹[0,0] · H_F⁻¹[0, :]. The score of
+    column j is w_j² / H_F⁻¹[0,0]. N:M picks each group's mask at its first column. Unstructured
+    picks at column 0 (and again every ``reselect_every`` columns): each row ranks its remaining
+    columns and prunes those among its remaining-budget lowest that come before the next pick.
+    Returns the pruned weight and the summed OBS loss Σ (w_j − q)² / (2 H_F⁻¹[0,0]).
+    """
+    w = weight.double().clone()
+    h = hessian.double().clone()
+    h.diagonal().add_(percdamp * h.diagonal().mean())
+    rows, columns = w.shape
+    tails = [torch.linalg.inv(h[j:, j:]) for j in range(columns)]  # H_F⁻¹ for F = j..in−1
+    d2 = torch.stack([t[0, 0] for t in tails])
+    keep = torch.ones_like(w, dtype=torch.bool)
+    reselect_every = reselect_every or columns
+    budget = [pattern.pruned_per_row(columns) if isinstance(pattern, Unstructured) else 0] * rows
+
+    def lowest(scores: list[float], count: int) -> list[int]:  # ties → lower index
+        return sorted(range(len(scores)), key=lambda c: (scores[c], c))[:count]
+
+    loss = 0.0
+    for j in range(columns):
+        if isinstance(pattern, NM) and j % pattern.m == 0:
+            for r in range(rows):
+                scores = (w[r, j:j + pattern.m].square() / d2[j:j + pattern.m]).tolist()
+                for c in lowest(scores, pattern.m - pattern.n):
+                    keep[r, j + c] = False
+        if isinstance(pattern, Unstructured) and j % reselect_every == 0:
+            for r in range(rows):
+                scores = (w[r, j:].square() / d2[j:]).tolist()
+                for c in lowest(scores, budget[r]):
+                    if c < reselect_every:
+                        keep[r, j + c] = False
+                        budget[r] -= 1
+        q = torch.where(keep[:, j], w[:, j], torch.zeros(()).double())
+        step = (w[:, j] - q) / tails[j][0, 0]
+        loss += float(((w[:, j] - q).square() / tails[j][0, 0]).sum() / 2)
+        w[:, j:] -= step[:, None] * tails[j][0][None, :]
+        w[:, j] = q
+    return w, loss
+
+
+@pytest.mark.parametrize("pattern,blocksize,reselect_every", [
+    (Unstructured(0.5), COLUMNS, None), (Unstructured(0.7), COLUMNS, None),  # one mask per row up front
+    (Unstructured(0.5), 16, 16), (Unstructured(0.7), 48, 48),  # masks re-chosen per block
+    (NM(2, 4), 16, None), (NM(4, 8), 16, None),
+], ids=str)
+def test_matches_float64_reference(pattern, blocksize, reselect_every) -> None:
+    inputs, weight = correlated_inputs(), random_weight()
+    stats = stats_for(inputs, torch.float64)
+    hessian = stats.hessian.clone()
+    off_diagonal = hessian - torch.diag(hessian.diagonal())
+    assert off_diagonal.abs().sum() > hessian.diagonal().sum()  # really not diagonal
+    result = SparseGPT(blocksize=blocksize, hessian_dtype=torch.float64).prune(weight.double(), stats, pattern)
+    expected, loss = reference_obs(weight, hessian, pattern, reselect_every)
+    assert torch.equal(stats.hessian, hessian)  # the shared statistics are untouched
+    assert torch.equal(result.weight == 0, expected == 0)
+    assert torch.allclose(result.weight, expected, atol=1e-8, rtol=0)
+    assert result.info["obs_loss"] == pytest.approx(loss, rel=1e-5)
+    assert result.info["damp_retries"] == 0 and result.info["damping"] == PERCDAMP
+
+
+def test_obs_loss_is_the_damped_reconstruction_error() -> None:
+    """Σ OBS step losses equals ½·tr(δ (H + λI) δᵀ) for the final δ = W − Ŵ (quadratic, exact)."""
+    inputs, weight = correlated_inputs(), random_weight()
+    stats = stats_for(inputs, torch.float64)
+    result = SparseGPT(blocksize=32, hessian_dtype="float64").prune(weight.double(), stats, NM(2, 4))
+    damped = stats.hessian.clone()
+    damped.diagonal().add_(PERCDAMP * damped.diagonal().mean())
+    delta = weight.double() - result.weight
+    assert result.info["obs_loss"] == pytest.approx(float((delta @ damped * delta).sum() / 2), rel=1e-5)
+
+
+@pytest.mark.parametrize("blocksize", [1, 16, 48, 100])
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), Unstructured(0.7)], ids=str)
+def test_blocked_unstructured_prunes_exactly_the_row_budget(pattern, blocksize) -> None:
+    inputs, weight = correlated_inputs(), random_weight()
+    result = SparseGPT(blocksize=blocksize).prune(weight, stats_for(inputs), pattern)
+    assert pattern.violations(result.weight) == 0
+    assert ((result.weight == 0).sum(-1) == pattern.pruned_per_row(COLUMNS)).all()
+
+
+def test_unstructured_sparsity_follows_the_inputs_across_blocks() -> None:
+    """Blocks of weak input channels give up more weights than blocks of strong ones."""
+    inputs = correlated_inputs() * torch.cat([torch.full((64,), 0.1), torch.full((64,), 10.0)]).double()
+    result = SparseGPT(blocksize=32).prune(random_weight(), stats_for(inputs), Unstructured(0.5))
+    weak, strong = (result.weight[:, :64] == 0).float().mean(), (result.weight[:, 64:] == 0).float().mean()
+    assert weak > 0.8 and strong < 0.2  # a fixed 50% quota per block would give 0.5 and 0.5
+
+
+def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, inputs: torch.Tensor) -> float:
+    return float(torch.linalg.norm(inputs.float() @ (weight - pruned).T))
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)], ids=str)
+def test_obs_update_beats_plain_masking_and_wanda(pattern) -> None:
+    inputs, weight = correlated_inputs(decay=0.01), random_weight()
+    stats = stats_for(inputs, needs=frozenset({SQ_NORM, HESSIAN}))
+    sparsegpt = SparseGPT(blocksize=32).prune(weight.clone(), stats, pattern).weight
+    same_mask = weight * (sparsegpt != 0)
+    wanda = Wanda().prune(weight.clone(), stats, pattern).weight
+    error = reconstruction_error(weight, sparsegpt, inputs)
+    assert error < 0.85 * reconstruction_error(weight, same_mask, inputs)
+    assert error < 0.85 * reconstruction_error(weight, wanda, inputs)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), Unstructured(0.7), NM(2, 4), NM(4, 8)], ids=str)
+def test_masks_meet_pattern_without_negative_zeros(pattern) -> None:
+    inputs = correlated_inputs()
+    inputs[:, 5] = 0.0  # a dead input channel
+    weight = -random_weight().abs()  # all negative: pruned entries would be −0.0 if written carelessly
+    weight[0, 7] = -0.0  # and a −0.0 that is already there
+    result = SparseGPT(blocksize=32).prune(weight, stats_for(inputs), pattern)
+    assert pattern.violations(result.weight) == 0
+    assert result.weight.dtype == torch.float32
+    assert not torch.signbit(result.weight[result.weight == 0]).any()
+    assert (result.weight[:, 5] == 0).all() and result.info["dead_inputs"] == 1
+
+
+def test_shared_hessian_is_factorised_once() -> None:
+    inputs = correlated_inputs()
+    weights = [random_weight(rows, seed=s) for s, rows in enumerate([64, 32, 32])]  # q, k, v (GQA)
+    pruner = SparseGPT(blocksize=32)
+    calls = []
+    factorise = pruner._factorise
+    pruner._factorise = lambda *a: calls.append(1) or factorise(*a)
+    shared = stats_for(inputs)
+    together = [pruner.prune(w.clone(), shared, NM(2, 4)) for w in weights]
+    assert len(calls) == 1
+    assert [r.info["factor_reused"] for r in together] == [False, True, True]
+    separate = [SparseGPT(blocksize=32).prune(w.clone(), stats_for(inputs), NM(2, 4)) for w in weights]
+    for a, b in zip(together, separate):
+        assert torch.equal(a.weight, b.weight)
+    # a new layer's statistics (a new object) and updated statistics both get a fresh factor
+    pruner.prune(weights[0].clone(), stats_for(correlated_inputs(seed=7)), NM(2, 4))
+    assert len(calls) == 2
+    shared.update(correlated_inputs(seed=8)[:64])
+    refreshed = pruner.prune(weights[0].clone(), shared, NM(2, 4))
+    assert len(calls) == 3 and not refreshed.info["factor_reused"]
+    assert not torch.equal(refreshed.weight, together[0].weight)
+
+
+def nearly_psd_stats(negative_eigenvalue: float) -> InputStats:
+    """Float64 statistics whose H has one eigenvalue of ``negative_eigenvalue`` × mean diag(H)."""
+    inputs = correlated_inputs(columns=32, tokens=16)  # rank 16 < 32: H is singular
+    stats = stats_for(inputs, torch.float64)
+    eigenvalues, vectors = torch.linalg.eigh(stats.hessian)
+    shift = negative_eigenvalue * stats.hessian.diagonal().mean() - eigenvalues[0]
+    stats.hessian += shift * torch.outer(vectors[:, 0], vectors[:, 0])
+    return stats
+
+
+def test_cholesky_failure_raises_damping_and_reports_it() -> None:
+    # eigenvalue −3e-8·mean: damping 1e-10, 1e-9 and 1e-8 fail, 1e-7 succeeds
+    stats = nearly_psd_stats(-3e-8)
+    result = SparseGPT(percdamp=1e-10, hessian_dtype=torch.float64).prune(random_weight(8, 32).double(), stats, NM(2, 4))
+    assert result.info["damp_retries"] == 3
+    assert result.info["damping"] == pytest.approx(1e-7)
+    assert NM(2, 4).violations(result.weight) == 0
+
+
+def test_cholesky_failure_after_all_retries_is_an_error() -> None:
+    stats = nearly_psd_stats(-1.0)  # not fixable by damping up to 1e-6 × mean diag
+    with pytest.raises(LLMPruneError, match="not positive definite.*--percdamp"):
+        SparseGPT(percdamp=1e-10).prune(random_weight(8, 32), stats, NM(2, 4))
+    stats.hessian[0, 0] = float("nan")
+    with pytest.raises(LLMPruneError, match="NaN or Inf"):
+        SparseGPT().prune(random_weight(8, 32), stats, NM(2, 4))
+
+
+def test_rank_deficient_inputs_work_with_default_damping() -> None:
+    inputs = correlated_inputs(tokens=512)
+    inputs[:, 64:] = inputs[:, :64]  # every channel duplicated: H has rank 64 of 128
+    result = SparseGPT().prune(random_weight(), stats_for(inputs), Unstructured(0.5))
+    assert torch.isfinite(result.weight).all() and Unstructured(0.5).violations(result.weight) == 0
+
+
+def test_arguments_are_validated() -> None:
+    assert PRUNERS["sparsegpt"] is SparseGPT
+    assert make_pruner("sparsegpt", blocksize=64, percdamp=0.1).blocksize == 64
+    assert SparseGPT(hessian_dtype="float64").hessian_dtype is torch.float64
+    for bad in ({"blocksize": 0}, {"blocksize": 2.5}, {"percdamp": 0}, {"percdamp": -1.0},
+                {"hessian_dtype": "bfloat16"}, {"hessian_dtype": torch.float16}):
+        with pytest.raises(LLMPruneError, match="SparseGPT"):
+            SparseGPT(**bad)
+    with pytest.raises(LLMPruneError, match="multiple of M=4.*--blocksize 8"):
+        SparseGPT(blocksize=10).prune(random_weight(), stats_for(correlated_inputs()), NM(2, 4))
+    with pytest.raises(LLMPruneError, match="needs the Hessian"):
+        SparseGPT().prune(random_weight(), None, NM(2, 4))
+
+
+def test_pipeline_end_to_end_on_tiny_llama() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from llmprune.models import ModelAdapter
+    from llmprune.pipeline import prune
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tokens = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    prune(model, method="sparsegpt", pattern="2:4", calib_tokens=tokens, device="cpu", progress=False, blocksize=32)
+    linears = ModelAdapter(model).all_linears()
+    assert len(linears) == 14
+    for linear in linears.values():
+        assert NM(2, 4).violations(linear.weight.float()) == 0
+    layers = model.llmprune_report["layers"]
+    assert len(layers) == 14
+    assert all(entry["damping"] == PERCDAMP and entry["damp_retries"] == 0 for entry in layers)
+    assert sum(entry["factor_reused"] for entry in layers) == 2 * 3  # k, v and up in both layers
+    assert model.llmprune_report["recipe"]["options"] == {"blocksize": 32}

@@ -125,6 +125,10 @@ def cmd_info(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info}[args.command]
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         handler(args)
     except LLMPruneError as exc:

@@ -119,6 +119,16 @@ def _resolve_gguf(path: Path) -> tuple[Path, str | None]:
     raise LLMPruneError(f"{path} is not a model: it has no config.json and no .gguf file")
 
 
+def _detach_gguf_quantizer(model: nn.Module, gguf_file: str) -> None:
+    """Make a dequantized GGUF model an ordinary float model, so it can be pruned and saved."""
+    if not all(p.dtype.is_floating_point for p in model.parameters()):
+        raise LLMPruneError(f"{gguf_file} was loaded with packed GGUF blocks; llmprune needs it dequantized "
+                            f"(uninstall the `kernels` package so transformers dequantizes on load)")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer on CPU from a local directory, a .gguf file, or a Hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -140,9 +150,11 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None) -> t
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype or "auto", **extra)
     except LLMPruneError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+    except Exception as exc:  # transformers, safetensors and gguf each raise their own types
         where = "local checkpoint" if path.exists() else "Hub id (no local path of that name exists)"
         raise LLMPruneError(f"cannot load model from {source} ({where}): {str(exc).splitlines()[0]}") from exc
+    if gguf_file := extra.get("gguf_file"):
+        _detach_gguf_quantizer(model, gguf_file)
     model.eval()
     model.llmprune_tokenizer = tokenizer
     model.llmprune_source = str(source)

@@ -8,7 +8,8 @@ in families such as Gemma 2/3 (sliding vs. global attention), without knowing an
 Then, for each layer: move it to the device; pass 1 collects input statistics with forward hooks
 on its linears (one accumulator per distinct input tensor, so q/k/v and gate/up share); the caller's
 ``process`` rewrites the weights; pass 2 runs the pruned layer, measures each linear's relative
-reconstruction error ‖(W₀−Ŵ)X‖/‖W₀X‖ on the inputs it sees, and its outputs feed the next layer.
+reconstruction error ‖(W₀−Ŵ)X‖/‖W₀X‖ on the inputs it sees (first ``error_tokens`` tokens), and its
+outputs feed the next layer.
 """
 from __future__ import annotations
 
@@ -113,6 +114,8 @@ def capture(adapter: ModelAdapter, tokens: torch.Tensor, batch_size: int) -> tup
 
         return forward
 
+    # Another library (accelerate) may have set an instance-level forward: restore it afterwards.
+    previous = [layer.__dict__.get("forward") for layer in layers]
     for index, layer in enumerate(layers):
         layer.forward = recorder(index)
     try:
@@ -122,8 +125,11 @@ def capture(adapter: ModelAdapter, tokens: torch.Tensor, batch_size: int) -> tup
             except _StopForward:
                 pass
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, previous):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     if len(inputs[-1]) != len(hidden):
         raise LLMPruneError(f"{type(adapter.model).__name__} did not call every decoder layer once per forward")
     for batch in hidden:
@@ -184,13 +190,15 @@ def _run_layer(layer: nn.Module, states: torch.Tensor, inputs: LayerInputs, devi
 @torch.no_grad()
 def layerwise(adapter: ModelAdapter, tokens: torch.Tensor, process: Process, *, needs: frozenset[str] = frozenset(),
               device: str | torch.device = "auto", batch_size: int = 8, measure_error: bool = True,
-              share_stats: bool = True, hessian_dtype: torch.dtype = torch.float32, progress: bool = True,
-              desc: str = "pruning") -> list[LayerReport]:
+              share_stats: bool = True, hessian_dtype: torch.dtype = torch.float32, error_tokens: int = 8192,
+              progress: bool = True, desc: str = "pruning") -> list[LayerReport]:
     """Stream ``tokens`` through the decoder one layer at a time, calling ``process`` on each.
 
     ``process(index, linears, stats)`` may rewrite the linears' weights and returns optional
     per-linear info for the report. Outputs of the processed layer feed the next one.
     ``share_stats=False`` gives every linear its own accumulator (for measuring what sharing saves).
+    The reconstruction error is measured on the first batches covering ``error_tokens`` tokens: an
+    extra GEMM per linear, so measuring it on every batch would add about a third to the run.
     """
     device = resolve_device(device)
     hidden, layer_inputs = capture(adapter, tokens, batch_size)
@@ -218,8 +226,14 @@ def layerwise(adapter: ModelAdapter, tokens: torch.Tensor, process: Process, *, 
         stats.clear()
         sums = {name: [0.0, 0.0] for name in linears}
         handles = _error_hooks(linears, originals, sums) if measure_error else []
+        measured = 0
         try:
             for b, (states, inputs) in enumerate(zip(hidden, layer_inputs[index])):
+                if handles and measured >= error_tokens:
+                    for h in handles:
+                        h.remove()
+                    handles = []
+                measured += states.shape[0] * states.shape[1]
                 out = _run_layer(layer, states, inputs, device)
                 _check_finite(out, f"leaving decoder layer {index} ({adapter.layers_name}.{index})")
                 hidden[b] = out.to("cpu") if offload else out

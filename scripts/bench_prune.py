@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Benchmark protocol: prune with each config, then WikiText-2 perplexity; prints a markdown table.
+
+Each config runs in its own subprocess, so its peak RSS is its own. Config syntax:
+``dense``, ``METHOD@SPARSITY`` (unstructured), ``METHOD@N:M``, plus ``+noshare`` to give every
+linear its own statistics (measures what Hessian sharing saves). Example (the protocol):
+
+    python scripts/bench_prune.py dense magnitude@0.5 wanda@0.5 magnitude@2:4 wanda@2:4 --json eval/results/core.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from llmprune.resources import shared_dir  # noqa: E402
+
+DEFAULT_MODEL = shared_dir() / "models" / "smollm2-135m-instruct-q4_1"
+
+
+def parse_config(config: str) -> dict:
+    share = not config.endswith("+noshare")
+    base = config.removesuffix("+noshare")
+    if base == "dense":
+        return {"method": None, "pattern": None, "sparsity": None, "share": share}
+    method, _, target = base.partition("@")
+    if ":" in target:
+        return {"method": method, "pattern": target, "sparsity": None, "share": share}
+    return {"method": method, "pattern": None, "sparsity": float(target or 0.5), "share": share}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    import torch
+
+    import llmprune
+    from llmprune.eval import perplexity
+
+    torch.set_num_threads(args.threads)
+    spec = parse_config(args.config)
+    started = time.perf_counter()
+    model = llmprune.load(args.model, device="cpu", dtype="float32")
+    result = {"config": args.config, "load_s": round(time.perf_counter() - started, 1), "rss_after_load_mb": round(peak_rss_mb())}
+    if spec["method"]:
+        started = time.perf_counter()
+        llmprune.prune(model, method=spec["method"], pattern=spec["pattern"], sparsity=spec["sparsity"],
+                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device="cpu",
+                       batch_size=args.batch_size, share_stats=spec["share"], progress=not args.quiet)
+        result["prune_s"] = round(time.perf_counter() - started, 1)
+        result["sparsity"] = round(model.llmprune_report["summary"]["sparsity"], 4)
+        errors = [layer["rel_error"] for layer in model.llmprune_report["layers"]]
+        result["mean_rel_error"] = round(sum(errors) / len(errors), 4)
+    result["peak_rss_prune_mb"] = round(peak_rss_mb())
+    if not args.skip_eval:
+        ppl = perplexity(model, "wikitext2", seqlen=args.eval_seqlen, window_stride=args.window_stride, progress=not args.quiet)
+        result.update(ppl=round(ppl.ppl, 3), eval_s=round(ppl.seconds, 1), windows=f"{len(ppl.windows)}/{ppl.total_windows}")
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    columns = ["config", "ppl", "sparsity", "mean_rel_error", "prune_s", "peak_rss_prune_mb", "eval_s", "windows"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "-")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="*", default=["dense", "magnitude@0.5", "wanda@0.5"])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-seqlen", type=int, default=2048)
+    parser.add_argument("--window-stride", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--json", default=None, help="write all results here")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--config", help=argparse.SUPPRESS)  # internal: run one config in this process
+    args = parser.parse_args()
+    if args.config:
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return
+    rows = []
+    passthrough = [a for a in sys.argv[1:] if a not in args.configs]
+    for config in args.configs:
+        proc = subprocess.run([sys.executable, __file__, *passthrough, "--config", config],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not found:
+            sys.exit(f"config {config} failed (exit {proc.returncode})")
+        rows.append(json.loads(found[-1][7:]))
+        print(f"{config}: {rows[-1]}", flush=True)
+    print(f"\nmodel {args.model}; calibration wikitext2 {args.nsamples} x {args.seqlen} seed {args.seed}; "
+          f"eval WikiText-2 test seqlen {args.eval_seqlen}, every {args.window_stride}th window; {args.threads} threads\n")
+    print(table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "config"}, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

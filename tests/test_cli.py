@@ -1,0 +1,136 @@
+"""The CLI end to end on a local tiny checkpoint, and every bad-input case: one line, exit 2, nothing written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, word_tokenizer
+
+from llmprune.cli import main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what fixtures printed
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists(), f"{out} was created"
+    assert not list(out.parent.glob(f".{out.name}.tmp-*")), "a temp dir was left behind"
+
+
+def prune_args(model: Path, calib: Path, out: Path, *extra: str) -> list[str]:
+    return ["prune", model, "--calib", calib, "--nsamples", "4", "--seqlen", "16", "--device", "cpu",
+            "--out", out, "--quiet", *extra]
+
+
+def test_prune_info_eval(capsys, tiny_checkpoint, calib_file, tmp_path) -> None:
+    out = tmp_path / "pruned"
+    code, stdout, _ = run_cli(capsys, *prune_args(tiny_checkpoint, calib_file, out, "--method", "wanda", "--pattern", "2:4"))
+    assert code == 0 and "sparsity 0.5000" in stdout
+    report = json.loads((out / "llmprune.json").read_text())
+    assert report["recipe"]["pattern"] == "2:4" and report["recipe"]["calibration"]["nsamples"] == 4
+    assert len(report["layers"]) == 3 * 7 and all(layer["sparsity"] == 0.5 for layer in report["layers"])
+    code, stdout, _ = run_cli(capsys, "info", out)
+    assert code == 0 and "model.layers.2.mlp.down_proj" in stdout and "wanda 2:4" in stdout
+    code, stdout, _ = run_cli(capsys, "eval", out, "--ppl", calib_file, "--seqlen", "32", "--window-stride", "2",
+                              "--json", tmp_path / "ppl.json", "--quiet", "--device", "cpu")
+    assert code == 0 and "at seqlen 32" in stdout
+    assert json.loads((tmp_path / "ppl.json").read_text())["windows"][:2] == [0, 2]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "obs"], "unknown method 'obs'"),
+    (["--pattern", "2-4"], "unknown pattern '2-4'"),
+    (["--sparsity", "1.0"], r"sparsity must be in \[0, 1\)"),
+    (["--sparsity", "-0.5"], r"sparsity must be in \[0, 1\)"),
+    (["--method", "wanda", "--blocksize", "64"], "takes no option"),
+    (["--nsamples", "64", "--seqlen", "60"], "has [0-9]+ tokens; windows of seqlen=60"),
+    (["--seqlen", "4096"], "exceeds the model's max_position_embeddings 64"),
+])
+def test_bad_input(capsys, tiny_checkpoint, tmp_path, extra, message) -> None:
+    calib = tmp_path / "short.txt"
+    calib.write_text("w1 w2 w3 " * 20)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *prune_args(tiny_checkpoint, calib, out), *extra)
+    assert code == 2
+    assert err.startswith("llmprune: error: ") and err.count("\n") == 1, err
+    assert __import__("re").search(message, err), err
+    assert_nothing_written(out)
+
+
+def test_nm_that_does_not_divide_names_the_layer(capsys, tmp_path, calib_file) -> None:
+    directory = tmp_path / "odd"
+    tiny_model("llama", intermediate_size=66).save_pretrained(directory)
+    word_tokenizer().save_pretrained(directory)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *prune_args(directory, calib_file, out, "--pattern", "2:4"))
+    assert code == 2 and "model.layers.0.mlp.down_proj has 66 = 16*4+2" in err
+    assert_nothing_written(out)
+
+
+def test_missing_and_corrupt_model(capsys, tmp_path, calib_file, tiny_checkpoint) -> None:
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *prune_args(tmp_path / "nothing-here", calib_file, out))
+    assert code == 2 and "does not exist" in err
+    (tiny_checkpoint / "model.safetensors").write_bytes(b"\x00garbage")
+    code, _, err = run_cli(capsys, *prune_args(tiny_checkpoint, calib_file, out))
+    assert code == 2 and "cannot load model" in err
+    assert_nothing_written(out)
+
+
+def test_nan_activations(capsys, tmp_path, calib_file) -> None:
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.fill_(float("inf"))
+    directory = tmp_path / "broken"
+    model.save_pretrained(directory)
+    word_tokenizer().save_pretrained(directory)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *prune_args(directory, calib_file, out))
+    assert code == 2 and "NaN or Inf" in err and "decoder layer 2" in err
+    assert_nothing_written(out)
+
+
+def test_existing_output_is_kept_unless_overwrite(capsys, tiny_checkpoint, calib_file, tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, *prune_args(tiny_checkpoint, calib_file, out))
+    assert code == 2 and "exists and is not empty; pass --overwrite" in err
+    assert (out / "precious.txt").read_text() == "keep me"
+    code, _, _ = run_cli(capsys, *prune_args(tiny_checkpoint, calib_file, out, "--overwrite"))
+    assert code == 0 and not (out / "precious.txt").exists() and (out / "llmprune.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_failed_write_leaves_nothing(monkeypatch, tmp_path) -> None:
+    """A disk that fills up mid-save: clear error, no half checkpoint under the output name."""
+    from llmprune.errors import LLMPruneError
+    from llmprune.formats import save
+
+    model = tiny_model("llama")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model, "save_pretrained", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(LLMPruneError, match="No space left on device; nothing was written"):
+        save(model, out)
+    assert_nothing_written(out)
+
+
+def test_info_on_a_directory_without_report(capsys, tiny_checkpoint) -> None:
+    code, _, err = run_cli(capsys, "info", tiny_checkpoint)
+    assert code == 2 and "has no llmprune.json" in err
+
+
+def test_help_mentions_every_method(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    assert "magnitude" in capsys.readouterr().out

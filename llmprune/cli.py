@@ -16,7 +16,7 @@ EPILOG = """examples:
 
 
 # CLI flags forwarded to the pruner's constructor when given.
-PRUNER_OPTIONS = ("blocksize", "percdamp")
+PRUNER_OPTIONS = ("blocksize", "percdamp", "hessian_dtype")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
     prune.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per lazy-update block (default 128)")
     prune.add_argument("--percdamp", type=float, default=None, help="SparseGPT: damping as a fraction of mean diag(H) (default 0.01)")
+    prune.add_argument("--hessian-dtype", dest="hessian_dtype", default=None, choices=["float32", "float64"],
+                       help="SparseGPT: accumulation and factorisation dtype (default float32)")
     prune.add_argument("--out", required=True, help="output directory (written atomically)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     _add_common(prune)

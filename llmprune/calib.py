@@ -16,6 +16,7 @@ from .errors import LLMPruneError
 from .resources import shared_file
 
 WIKITEXT2_VALID = ("data", "wikitext-2", "wiki.valid.tokens")
+WIKITEXT2_TEST = ("data", "wikitext-2", "wikitext-2-raw-v1.test.json")
 TEXT_FIELDS = ("text", "content", "document")
 
 
@@ -77,21 +78,33 @@ def _hub_text(name: str, config: str | None, split: str, field: str = "text", **
     return "\n\n".join(rows[field])
 
 
-def corpus_text(spec: str) -> tuple[str, str]:
-    """(text, provenance) for a calibration spec."""
-    if spec == "wikitext2":
-        local = shared_file(*WIKITEXT2_VALID)
+# Named texts per purpose: a file under the shared folder when present, else load_dataset(name, config, split, **kw).
+# Calibration falls back to WikiText-2 *train* (the papers' choice); offline it reads the validation split.
+NAMED_TEXTS: dict[str, dict[str, tuple[tuple[str, ...] | None, tuple]]] = {
+    "calibration": {
+        "wikitext2": (WIKITEXT2_VALID, ("wikitext", "wikitext-2-raw-v1", "train", {})),
+        "c4": (None, ("allenai/c4", None, "train", {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}})),
+    },
+    "evaluation": {
+        "wikitext2": (WIKITEXT2_TEST, ("wikitext", "wikitext-2-raw-v1", "test", {})),
+        "c4": (None, ("allenai/c4", None, "validation",
+                      {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}})),
+    },
+}
+
+
+def named_text(spec: str, purpose: str = "calibration") -> tuple[str, str]:
+    """(text, provenance) for ``wikitext2``, ``c4`` or a local file, for calibration or evaluation."""
+    if spec in NAMED_TEXTS[purpose]:
+        local_parts, (name, config, split, kwargs) = NAMED_TEXTS[purpose][spec]
+        local = shared_file(*local_parts) if local_parts else None
         if local:
-            return local.read_text(encoding="utf-8"), f"wikitext-2 validation ({local})"
-        return _hub_text("wikitext", "wikitext-2-raw-v1", "train"), "wikitext-2-raw-v1 train (Hub)"
-    if spec == "c4":
-        text = _hub_text("allenai/c4", None, "train",
-                         data_files={"train": "en/c4-train.00000-of-01024.json.gz"})
-        return text, "c4 en shard 00000 (Hub)"
+            return read_text_file(local), str(local)
+        return _hub_text(name, config, split, **kwargs), f"{name} {config or ''} {split} (Hub)"
     path = Path(spec).expanduser()
     if path.exists():
         return read_text_file(path), str(path)
-    raise LLMPruneError(f"unknown calibration spec {spec!r}: use wikitext2, c4, or a path to a local text file")
+    raise LLMPruneError(f"unknown {purpose} text {spec!r}: use wikitext2, c4, or a path to a local text file")
 
 
 def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, source: str) -> torch.Tensor:
@@ -110,6 +123,6 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, sou
 
 def tokens(spec: str, tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
     """Calibration token blocks ``LongTensor[nsamples, seqlen]`` for a spec."""
-    text, source = corpus_text(spec)
+    text, source = named_text(spec, "calibration")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     return sample_windows(ids, nsamples, seqlen, seed, source)

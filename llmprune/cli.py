@@ -82,7 +82,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     parse_pattern(args.pattern, args.sparsity)
     check_output_dir(args.out, args.overwrite)
     model, tokenizer = models.load(args.model, args.dtype)
-    prune(model, method=args.method, pattern=args.pattern, sparsity=args.sparsity, calib_spec=args.calib,
+    prune(model, method=args.method, pattern=args.pattern, sparsity=args.sparsity, calib=args.calib,
           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
           batch_size=args.batch_size, tokenizer=tokenizer, progress=not args.quiet, **options)
     summary = model.llmprune_report["summary"]

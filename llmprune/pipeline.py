@@ -8,7 +8,8 @@ import time
 import torch
 from torch import nn
 
-from . import __version__, calib, models, stream
+from . import __version__, models, stream
+from . import calib as calibration
 from .errors import LLMPruneError
 from .models import ModelAdapter, Prunable
 from .patterns import NM, Pattern, Unstructured, parse_pattern
@@ -28,14 +29,14 @@ def check_seqlen(model: nn.Module, seqlen: int) -> None:
 
 
 def prune(model: nn.Module | str | os.PathLike, method: str = "wanda", pattern: str | Pattern | None = None,
-          sparsity: float | None = None, calib_spec: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048,
+          sparsity: float | None = None, calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048,
           seed: int = 0, device: str = "auto", batch_size: int = 8, dtype: str | None = None, tokenizer=None,
           calib_tokens: torch.Tensor | None = None, share_stats: bool = True, progress: bool = True,
           **pruner_options) -> nn.Module:
     """Prune a causal LM in place and return it, with ``model.llmprune_report`` describing the run.
 
     ``model`` is a loaded transformers model or anything ``models.load`` accepts. ``calib_tokens``
-    (``[nsamples, seqlen]``) bypasses ``calib_spec`` for callers that bring their own tokens.
+    (``[nsamples, seqlen]``) bypasses ``calib`` for callers that bring their own tokens.
     ``pruner_options`` go to the pruner's constructor (e.g. SparseGPT's ``blocksize``).
     """
     pruner = make_pruner(method, **pruner_options)
@@ -50,9 +51,9 @@ def prune(model: nn.Module | str | os.PathLike, method: str = "wanda", pattern: 
         if tokenizer is None:
             raise LLMPruneError("calibration needs a tokenizer; pass tokenizer= or load the model with llmprune")
         check_seqlen(model, seqlen)
-        calib_tokens = calib.tokens(calib_spec, tokenizer, nsamples, seqlen, seed)
+        calib_tokens = calibration.tokens(calib, tokenizer, nsamples, seqlen, seed)
     else:
-        calib_spec = "tokens given by the caller"
+        calib = "tokens given by the caller"
 
     def process(index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> dict[str, dict]:
         info = {}
@@ -79,7 +80,7 @@ def prune(model: nn.Module | str | os.PathLike, method: str = "wanda", pattern: 
             "pattern": str(pattern),
             "target_sparsity": pattern.target_sparsity,
             "options": pruner_options,
-            "calibration": {"spec": calib_spec, "nsamples": int(calib_tokens.shape[0]),
+            "calibration": {"spec": calib, "nsamples": int(calib_tokens.shape[0]),
                             "seqlen": int(calib_tokens.shape[1]), "seed": seed},
             "source": getattr(model, "llmprune_source", None),
             "device": str(stream.resolve_device(device)),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import needs_wikitext, word_text, word_tokenizer
 
-from llmprune.calib import corpus_text, read_text_file, sample_windows, tokens
+from llmprune.calib import named_text, read_text_file, sample_windows, tokens
 from llmprune.errors import LLMPruneError
 
 
@@ -53,19 +53,19 @@ def test_local_file_tokens_shape(tmp_path) -> None:
 
 
 def test_bad_specs(tmp_path) -> None:
-    with pytest.raises(LLMPruneError, match="unknown calibration spec 'nope'"):
-        corpus_text("nope")
+    with pytest.raises(LLMPruneError, match="unknown calibration text 'nope'"):
+        named_text("nope")
     bad = tmp_path / "x.csv"
     bad.write_text("a,b")
     with pytest.raises(LLMPruneError, match="unsupported calibration file type '.csv'"):
-        corpus_text(str(bad))
+        named_text(str(bad))
     records = tmp_path / "r.jsonl"
     records.write_text(json.dumps({"question": 1}))
     with pytest.raises(LLMPruneError, match="'text' field"):
-        corpus_text(str(records))
+        named_text(str(records))
 
 
 @needs_wikitext
 def test_wikitext2_uses_the_shared_validation_text() -> None:
-    text, source = corpus_text("wikitext2")
+    text, source = named_text("wikitext2")
     assert "wiki.valid.tokens" in source and "Homarus gammarus" in text[:200]

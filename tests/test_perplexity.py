@@ -47,8 +47,8 @@ def test_errors(tmp_path) -> None:
 
 @needs_wikitext
 def test_wikitext2_raw_test_join() -> None:
-    from llmprune.eval.perplexity import eval_text
+    from llmprune.calib import named_text
 
-    text, source = eval_text("wikitext2")
+    text, source = named_text("wikitext2", "evaluation")
     rows = json.loads(open(source).read())
     assert len(rows) == 4358 and text == "\n\n".join(rows)

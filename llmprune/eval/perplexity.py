@@ -6,22 +6,17 @@ non-overlapping windows of ``seqlen``; ppl = exp(mean NLL over all predicted tok
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calib import _hub_text, read_text_file
+from ..calib import named_text
 from ..errors import LLMPruneError
-from ..resources import shared_file
-
-WIKITEXT2_TEST = ("data", "wikitext-2", "wikitext-2-raw-v1.test.json")
 
 
 @dataclass
@@ -50,23 +45,6 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(map(str, indices))
 
 
-def eval_text(dataset: str) -> tuple[str, str]:
-    """(text, provenance) of an evaluation set: wikitext2, c4, or a local file."""
-    if dataset == "wikitext2":
-        local = shared_file(*WIKITEXT2_TEST)
-        if local:
-            return "\n\n".join(json.loads(local.read_text(encoding="utf-8"))), str(local)
-        return _hub_text("wikitext", "wikitext-2-raw-v1", "test"), "wikitext-2-raw-v1 test (Hub)"
-    if dataset == "c4":
-        text = _hub_text("allenai/c4", None, "validation",
-                         data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"})
-        return text, "c4 en validation shard 00000 (Hub)"
-    path = Path(dataset).expanduser()
-    if path.exists():
-        return read_text_file(path), str(path)
-    raise LLMPruneError(f"unknown evaluation set {dataset!r}: use wikitext2, c4, or a path to a local text file")
-
-
 @torch.no_grad()
 def perplexity(model: nn.Module, dataset: str = "wikitext2", tokenizer=None, seqlen: int = 2048,
                window_stride: int = 1, batch_size: int = 1, device: str | torch.device | None = None,
@@ -80,7 +58,7 @@ def perplexity(model: nn.Module, dataset: str = "wikitext2", tokenizer=None, seq
     from ..pipeline import check_seqlen
 
     check_seqlen(model, seqlen)
-    text, source = eval_text(dataset)
+    text, source = named_text(dataset, "evaluation")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if dataset == "c4":  # SparseGPT's C4 protocol: the first 256 windows of the validation stream
         ids = ids[: 256 * seqlen]

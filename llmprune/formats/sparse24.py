@@ -1,0 +1,190 @@
+"""2:4 packing, byte-compatible with the legacy compressed-tensors ``sparse-24-bitmask`` layout.
+
+A 2:4 weight ``[out, in]`` (``in % 4 == 0``, at most two non-zeros in every group of four
+consecutive input weights) is stored as three tensors under its module prefix ``P``:
+
+- ``P.compressed`` ``[out, in/2]``, the weight's dtype: the stored values, exactly two per group,
+  row-major and in column order within a row.
+- ``P.bitmask`` uint8 ``[out, ceil(in/8)]``: one bit per dense element, bit ``k`` of byte ``b`` is
+  column ``8b + k`` (numpy ``packbits(..., bitorder="little")``); 1 = "the value at this position is
+  stored". Padding bits past column ``in`` are 0.
+- ``P.shape`` int64 ``(out, in)``, written ``[2, 1]`` as the legacy writer and vLLM's loader do.
+
+Groups with more than two zeros (a pruner may zero 3 or 4 weights of a group) still store exactly
+two positions, so ``compressed`` is always ``[out, in/2]`` and a reader can reshape without row
+offsets. The stored positions are the group's non-zeros first, then its lowest-index zeros, and
+those zeros are stored as +0.0. A set bit therefore means "stored", not "non-zero". The legacy
+compressor (top-2 by magnitude per group) also marks zeros in such groups, at whatever positions
+``topk`` picks among ties, and its decompressor scatters the stored values into a zero tensor, so
+either side decodes the other's files to the same dense weight. Decoding is exact: a stored 0.0
+comes back as 0.0, every other value bit for bit.
+
+The mask is never recomputed from scores: packing keeps exactly the zeros that are in the weight
+and refuses a weight with a group holding more than two non-zeros. ``-0.0`` counts as zero and is
+stored as ``+0.0``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LLMPruneError
+
+GROUP = 4
+KEEP = 2
+PACKABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def bitmask_columns(in_features: int) -> int:
+    """Bytes per row of a bitmask over ``in_features`` columns."""
+    return (in_features + 7) // 8
+
+
+def _check_packable(weight: torch.Tensor, name: str) -> None:
+    if weight.dim() != 2:
+        raise LLMPruneError(f"{name}: 2:4 packing needs a 2-d [out, in] weight; got shape {tuple(weight.shape)}")
+    if weight.shape[1] % GROUP:
+        in_features = weight.shape[1]
+        raise LLMPruneError(f"{name}: 2:4 packing needs in_features divisible by 4; it has "
+                            f"{in_features} = {in_features // GROUP}*4+{in_features % GROUP}. Save this tensor dense.")
+    if weight.dtype not in PACKABLE_DTYPES:
+        raise LLMPruneError(f"{name}: 2:4 packing supports float32/float16/bfloat16/float64 weights; got {weight.dtype}")
+
+
+def _tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lookup tables over the 16 patterns of a group of 4 (bit k of a pattern = column k of the group).
+
+    ``count[p]``: set bits of ``p``. ``stored[p]``: the two columns stored for a group whose non-zero
+    pattern is ``p`` (its non-zeros, then its lowest-index zeros; ascending), meaningless when
+    ``count[p] > 2``. For a bitmask nibble with exactly two bits set, ``stored`` gives those bits.
+    ``stored_bits[p]``: the same two columns as a nibble.
+    """
+    count = torch.tensor([bin(p).count("1") for p in range(16)], dtype=torch.int8)
+    stored = torch.zeros(16, KEEP, dtype=torch.int64)
+    stored_bits = torch.zeros(16, dtype=torch.uint8)
+    for pattern in range(16):  # 16 table entries, once at import
+        nonzero = [k for k in range(GROUP) if pattern >> k & 1]
+        if len(nonzero) > KEEP:
+            continue
+        zeros = [k for k in range(GROUP) if not pattern >> k & 1]
+        columns = sorted(nonzero + zeros[: KEEP - len(nonzero)])
+        stored[pattern] = torch.tensor(columns)
+        stored_bits[pattern] = sum(1 << k for k in columns)
+    return count, stored, stored_bits
+
+
+_COUNT, _STORED, _STORED_BITS = _tables()
+
+
+def _patterns(flags: torch.Tensor) -> torch.Tensor:
+    """Bool ``[out, in]`` → int64 ``[out, in/4]``: bit k of entry g is ``flags[:, 4g + k]``."""
+    out_features, in_features = flags.shape
+    groups = flags.to(torch.uint8).reshape(out_features, in_features // GROUP, GROUP)
+    packed = groups[..., 0] | (groups[..., 1] << 1) | (groups[..., 2] << 2) | (groups[..., 3] << 3)
+    return packed.to(torch.int64)
+
+
+def _table(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return table if table.device == device else table.to(device)
+
+
+def is_24(weight: torch.Tensor) -> bool:
+    """True when ``weight`` ``[out, in]`` holds at most two non-zeros in every group of 4 inputs."""
+    if weight.dim() != 2 or weight.shape[1] % GROUP or weight.dtype not in PACKABLE_DTYPES:
+        return False
+    counts = _table(_COUNT, weight.device)[_patterns(weight != 0)]
+    return bool((counts <= KEEP).all())
+
+
+def _stored_pattern(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """int64 ``[out, in/4]`` non-zero pattern of every group; raises if one holds more than two non-zeros."""
+    _check_packable(weight, name)
+    patterns = _patterns(weight != 0)
+    crowded = _table(_COUNT, weight.device)[patterns] > KEEP
+    if bool(crowded.any()):
+        row, group = (int(i) for i in crowded.nonzero()[0])
+        raise LLMPruneError(
+            f"{name} is declared 2:4 but {int(crowded.sum())} groups of 4 hold more than 2 non-zeros "
+            f"(first: row {row}, columns {group * GROUP}..{group * GROUP + GROUP - 1}); "
+            f"prune it with --pattern 2:4 or save it dense"
+        )
+    return patterns
+
+
+def stored_positions(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """Bool ``[out, in]``: the two positions per group that ``pack_24`` stores.
+
+    The non-zeros of each group, topped up with the group's lowest-index zeros. Raises when a
+    group holds more than two non-zeros, naming the tensor and the first offending group.
+    """
+    patterns = _stored_pattern(weight, name)
+    columns = _table(_STORED, weight.device)[patterns]
+    keep = torch.zeros(*patterns.shape, GROUP, dtype=torch.bool, device=weight.device)
+    return keep.scatter_(-1, columns, True).reshape(weight.shape)
+
+
+def _nibbles_to_bytes(nibbles: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[rows, in/4]`` of 4-bit group masks → bitmask ``[rows, ceil(in/8)]`` (group 2b low, 2b+1 high)."""
+    if nibbles.shape[1] % 2:
+        nibbles = F.pad(nibbles, (0, 1))
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def pack_24(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense 2:4 ``weight`` ``[out, in]`` → (``compressed`` ``[out, in/2]``, ``bitmask`` uint8 ``[out, ceil(in/8)]``).
+
+    ``name`` is used in error messages (the module prefix or tensor key).
+    """
+    weight = weight.detach()
+    patterns = _stored_pattern(weight, name)
+    out_features, in_features = weight.shape
+    columns = _table(_STORED, weight.device)[patterns]  # [out, in/4, 2], ascending within a group
+    values = weight.reshape(out_features, in_features // GROUP, GROUP).gather(-1, columns)
+    values = values.reshape(out_features, in_features // 2)
+    values.masked_fill_(values == 0, 0)  # -0.0 → +0.0; also the zeros that fill sparse groups
+    bitmask = _nibbles_to_bytes(_table(_STORED_BITS, weight.device)[patterns])
+    return values, bitmask
+
+
+def dense_shape(shape: torch.Tensor | Sequence[int], name: str = "weight") -> tuple[int, int]:
+    """``(out, in)`` from a ``.shape`` tensor (``[2]`` or the legacy ``[2, 1]``) or a sequence."""
+    values = shape.reshape(-1).tolist() if isinstance(shape, torch.Tensor) else list(shape)
+    if len(values) != 2 or any(int(v) != v or v < 0 for v in values):
+        raise LLMPruneError(f"{name}.shape must hold two non-negative integers (out, in); got {values}")
+    return int(values[0]), int(values[1])
+
+
+def unpack_24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tensor | Sequence[int],
+              name: str = "weight") -> torch.Tensor:
+    """Packed (``compressed``, ``bitmask``, ``shape``) → dense weight ``[out, in]`` in ``compressed``'s dtype.
+
+    Validates the layout and that the bitmask marks exactly two positions in every group of 4;
+    errors name ``name`` (the module prefix).
+    """
+    out_features, in_features = dense_shape(shape, name)
+    if in_features % GROUP:
+        raise LLMPruneError(f"{name}.shape says in_features={in_features}, which is not divisible by 4; not a 2:4 tensor")
+    if tuple(compressed.shape) != (out_features, in_features // 2):
+        raise LLMPruneError(f"{name}.compressed has shape {tuple(compressed.shape)}; a 2:4 weight of shape "
+                            f"({out_features}, {in_features}) needs ({out_features}, {in_features // 2})")
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (out_features, bitmask_columns(in_features)):
+        raise LLMPruneError(f"{name}.bitmask is {bitmask.dtype} {tuple(bitmask.shape)}; expected torch.uint8 "
+                            f"({out_features}, {bitmask_columns(in_features)})")
+    bitmask = bitmask.to(compressed.device)
+    groups = in_features // GROUP
+    nibbles = torch.stack((bitmask & 0xF, bitmask >> 4), dim=-1)  # byte b holds groups 2b (low) and 2b+1 (high)
+    nibbles = nibbles.reshape(out_features, 2 * bitmask.shape[1])[:, :groups].to(torch.int64)
+    per_group = _table(_COUNT, compressed.device)[nibbles]
+    wrong = per_group != KEEP
+    if bool(wrong.any()):
+        row, group = (int(i) for i in wrong.nonzero()[0])
+        raise LLMPruneError(
+            f"{name}.bitmask is corrupt: {int(wrong.sum())} groups of 4 mark {int(per_group[row, group])} "
+            f"positions instead of 2 (first: row {row}, columns {group * GROUP}..{group * GROUP + GROUP - 1})"
+        )
+    columns = _table(_STORED, compressed.device)[nibbles]  # the two set bits of each nibble, ascending
+    dense = torch.zeros(out_features, groups, GROUP, dtype=compressed.dtype, device=compressed.device)
+    dense.scatter_(-1, columns, compressed.reshape(out_features, groups, KEEP))
+    return dense.reshape(out_features, in_features)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .errors import LLMPruneError
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ppl", default="wikitext2", help="wikitext2, c4, or a local text file")
     evaluate.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
     evaluate.add_argument("--window-stride", type=int, default=1, help="score every k-th window only (protocol subset: 8)")
+    evaluate.add_argument("--backend", default="auto", choices=["auto", "dense", "semi-structured"],
+                          help="how packed 2:4 layers compute: CUDA 2:4 kernels, exact dense, or auto (default)")
     evaluate.add_argument("--json", default=None, help="also write the result to this JSON file")
     _add_common(evaluate)
     evaluate.set_defaults(batch_size=1)
@@ -96,7 +99,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval import perplexity
     from .models import load_model
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    reasons = Counter(getattr(model, "llmprune_fallbacks", {}).values())
+    for reason, count in reasons.items():
+        print(f"{count} packed linear(s) run on the exact dense path: {reason}", file=sys.stderr)
     result = perplexity(model, args.ppl, seqlen=args.seqlen, window_stride=args.window_stride,
                         batch_size=args.batch_size, progress=not args.quiet)
     print(result.describe())
@@ -104,24 +110,48 @@ def cmd_eval(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps({"model": args.model, **result.to_json()}, indent=1))
 
 
+def linear_sizes(directory: Path, names: list[str]) -> dict[str, tuple[int, int]]:
+    """(bytes on disk, bytes if stored dense) per linear, from the safetensors headers alone."""
+    from .formats.packed import _ST_SIZES, read_layout
+
+    layout = read_layout(directory)
+    sizes = {}
+    for name in names:
+        keys = {k.removeprefix(name + "."): info for k, info in layout.items() if k.startswith(name + ".")}
+        disk = sum(info.end - info.start for info in keys.values())
+        values = keys.get("weight") or keys.get("compressed")
+        dense = disk if "weight" in keys else sum(info.end - info.start for k, info in keys.items() if k == "bias")
+        if "compressed" in keys:
+            rows, half = values.shape
+            dense += rows * half * 2 * _ST_SIZES[values.dtype]
+        sizes[name] = (disk, dense)
+    return sizes
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .formats import read_report
 
-    report = read_report(args.directory)
+    directory = Path(args.directory)
+    report = read_report(directory)
     recipe, summary = report["recipe"], report["summary"]
     calib = recipe["calibration"]
-    print(f"{args.directory}: {recipe['method']} {recipe['pattern']} from {recipe.get('source')}")
+    print(f"{directory}: {recipe['method']} {recipe['pattern']} from {recipe.get('source')}")
     print(f"calibration: {calib['spec']}, {calib['nsamples']} x {calib['seqlen']} tokens, seed {calib['seed']}")
     print(f"sparsity {summary['sparsity']:.4f} over {summary['prunable_params']:,} prunable weights, "
           f"pruned in {summary['seconds']} s")
-    files = sorted(Path(args.directory).glob("*.safetensors"))
-    print(f"size on disk: {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB in {len(files)} safetensors file(s)")
+    sizes = linear_sizes(directory, [layer["name"] for layer in report["layers"]])
+    files = sorted(directory.glob("*.safetensors"))
+    on_disk = sum(f.stat().st_size for f in files)
+    dense_total = on_disk + sum(dense - disk for disk, dense in sizes.values())
+    print(f"size on disk: {on_disk / 2**20:.2f} MiB in {len(files)} safetensors file(s); dense would be "
+          f"{dense_total / 2**20:.2f} MiB ({on_disk / dense_total:.3f} of dense)")
     width = max(len(layer["name"]) for layer in report["layers"])
-    print(f"{'linear':<{width}}  {'shape':>11}  {'sparsity':>8}  {'rel_error':>9}")
+    print(f"{'linear':<{width}}  {'shape':>11}  {'sparsity':>8}  {'rel_error':>9}  {'KiB':>8}  {'of dense':>8}")
     for layer in report["layers"]:
         shape = "x".join(map(str, layer["shape"]))
         error = "-" if layer["rel_error"] is None else f"{layer['rel_error']:.4f}"
-        print(f"{layer['name']:<{width}}  {shape:>11}  {layer['sparsity']:>8.4f}  {error:>9}")
+        disk, dense = sizes[layer["name"]]
+        print(f"{layer['name']:<{width}}  {shape:>11}  {layer['sparsity']:>8.4f}  {error:>9}  {disk / 1024:>8.1f}  {disk / dense:>8.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import LLMPruneError
+from .formats.packed import is_packed_checkpoint
 
 # Leaf names of linears inside a decoder layer that are not weight matrices worth pruning:
 # mixture-of-experts routers choose experts, and pruning them changes routing, not compute.
@@ -135,6 +136,9 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None) -> t
 
     path = Path(source).expanduser()
     extra: dict[str, str] = {}
+    if path.is_dir() and is_packed_checkpoint(path):
+        raise LLMPruneError(f"{path} is a packed 2:4 checkpoint, already pruned; load it for inference with "
+                            f"llmprune.load / llmprune eval, or prune its dense parent")
     if path.exists():
         directory, gguf_file = _resolve_gguf(path)
         location = str(directory)
@@ -162,9 +166,26 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None) -> t
 
 
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | str | None = None) -> nn.Module:
-    """Load a (pruned or dense) checkpoint for inference; the tokenizer rides along on the model."""
+               dtype: torch.dtype | str | None = None, backend: str = "auto") -> nn.Module:
+    """Load a (pruned or dense) checkpoint for inference; the tokenizer rides along on the model.
+
+    A packed 2:4 checkpoint (compressed-tensors ``sparse-24-bitmask``) gets ``SparseLinear`` layers,
+    built directly on ``device``: ``backend`` ``auto`` uses the CUDA 2:4 kernels where they apply and
+    the exact dense path elsewhere (``model.llmprune_fallbacks`` says which layers fell back and why).
+    """
+    from .formats.packed import read_packed
     from .stream import resolve_device
 
+    path = Path(source).expanduser()
+    if path.is_dir() and is_packed_checkpoint(path):
+        model = read_packed(path, device=resolve_device(device), dtype=dtype, backend=backend)
+        tokenizer = None
+        if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        model.llmprune_tokenizer = tokenizer
+        model.llmprune_source = str(source)
+        return model
     model, _ = load(source, dtype)
     return model.to(resolve_device(device))

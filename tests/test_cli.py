@@ -118,7 +118,7 @@ def test_failed_write_leaves_nothing(monkeypatch, tmp_path) -> None:
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(model, "save_pretrained", full_disk)
+    monkeypatch.setattr("llmprune.formats.packed._write_safetensors", full_disk)
     out = tmp_path / "out"
     with pytest.raises(LLMPruneError, match="No space left on device; nothing was written"):
         save(model, out)

@@ -19,12 +19,17 @@ def prune_stories(method: str, pattern: str | None = None, sparsity: float | Non
 
 
 @pytest.mark.parametrize("pattern", ["2:4", None])
-def test_saved_checkpoint_reloads_with_plain_transformers(tmp_path, pattern) -> None:
+def test_saved_checkpoint_reloads_with_the_same_logits(tmp_path, pattern) -> None:
+    """Unstructured saves dense (plain transformers reads it); 2:4 saves packed (llmprune.load)."""
     from transformers import AutoModelForCausalLM
 
     model = prune_stories("wanda", pattern=pattern)
     out = llmprune.save(model, tmp_path / "pruned")
-    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    if pattern == "2:4":
+        reloaded = llmprune.load(out, backend="dense")
+        assert "sparse-24-bitmask" in (out / "config.json").read_text()
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = model.llmprune_tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
@@ -39,3 +44,8 @@ def test_wanda_beats_magnitude_on_real_weights() -> None:
         model = prune_stories(method, sparsity=0.5)
         results[method] = perplexity(model, "wikitext2", seqlen=256, window_stride=40, progress=False).ppl
     assert results["wanda"] <= results["magnitude"], results
+
+
+def test_nm_that_does_not_divide_a_real_layer() -> None:
+    with pytest.raises(llmprune.LLMPruneError, match="model.layers.0.mlp.down_proj has 172 = 21\\*8\\+4"):
+        prune_stories("wanda", pattern="4:8")

@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import LLMPruneError
+from .packed import write_packed
 
 REPORT_FILE = "llmprune.json"
 
@@ -54,11 +55,18 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
 
 
 def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write ``model`` (dense safetensors), its tokenizer and ``llmprune.json`` to ``out`` atomically."""
+    """Write ``model`` (2:4 linears packed, the rest dense safetensors), its tokenizer and ``llmprune.json`` to ``out`` atomically.
+
+    A run pruned with pattern 2:4 declares its pruned linears as packing targets, so a weight that
+    is not 2:4 fails loudly instead of being stored dense; other 2:4 linears are packed when found.
+    """
     tokenizer = tokenizer or getattr(model, "llmprune_tokenizer", None)
     report = getattr(model, "llmprune_report", None)
+    targets = None
+    if report is not None and report.get("recipe", {}).get("pattern") == "2:4":
+        targets = {layer["name"] for layer in report.get("layers", [])}
     with atomic_output_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        write_packed(model, tmp, targets=targets)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:

@@ -250,7 +250,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     return layout
 
 
-def _read_layout(directory: Path) -> dict[str, TensorInfo]:
+def read_layout(directory: Path) -> dict[str, TensorInfo]:
     index = directory / INDEX_NAME
     if index.exists():
         try:
@@ -470,7 +470,7 @@ def read_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
         raise LLMPruneError(f"{directory} is quantized as well as 2:4 sparse (quantization_config.config_groups); "
                             f"llmprune reads sparse-only checkpoints")
     packing = raw.get(PACKING_KEY) or {}
-    layout = _read_layout(directory)
+    layout = read_layout(directory)
     model = _build_empty(directory, target_dtype)
     modules = dict(model.named_modules())
 

@@ -137,8 +137,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     calib = recipe["calibration"]
     print(f"{directory}: {recipe['method']} {recipe['pattern']} from {recipe.get('source')}")
     print(f"calibration: {calib['spec']}, {calib['nsamples']} x {calib['seqlen']} tokens, seed {calib['seed']}")
+    phases = ", ".join(f"{k} {v} s" for k, v in summary.get("phase_seconds", {}).items())
     print(f"sparsity {summary['sparsity']:.4f} over {summary['prunable_params']:,} prunable weights, "
-          f"pruned in {summary['seconds']} s")
+          f"pruned in {summary['seconds']} s ({phases})")
     sizes = linear_sizes(directory, [layer["name"] for layer in report["layers"]])
     files = sorted(directory.glob("*.safetensors"))
     on_disk = sum(f.stat().st_size for f in files)

@@ -87,7 +87,8 @@ def prune(model: nn.Module | str | os.PathLike, method: str = "wanda", pattern: 
             "versions": _versions(),
         },
         "summary": {"prunable_params": total, "zeros": zeros, "sparsity": zeros / max(total, 1),
-                    "seconds": round(time.perf_counter() - started, 2)},
+                    "seconds": round(time.perf_counter() - started, 2),
+                    "phase_seconds": {phase: round(sum(r.phases[phase] for r in reports), 2) for phase in reports[0].phases}},
         "layers": [
             {"name": lin.name, "shape": list(lin.shape), "sparsity": round(lin.sparsity, 6),
              "rel_error": None if lin.rel_error is None else round(lin.rel_error, 6),

@@ -49,6 +49,7 @@ class LayerReport:
     index: int
     seconds: float
     linears: list[LinearReport]
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: stats pass, process, output pass
 
 
 Process = Callable[[int, dict[str, Prunable], dict[str, InputStats]], dict[str, dict] | None]
@@ -221,9 +222,11 @@ def layerwise(adapter: ModelAdapter, tokens: torch.Tensor, process: Process, *, 
                 seen.clear()
                 for h in handles:
                     h.remove()
+        phases = {"stats": time.perf_counter() - started}
         originals = {n: p.weight.clone() for n, p in linears.items()} if measure_error else {}
         info = process(index, linears, stats) or {}
         stats.clear()
+        phases["process"] = time.perf_counter() - started - phases["stats"]
         sums = {name: [0.0, 0.0] for name in linears}
         handles = _error_hooks(linears, originals, sums) if measure_error else []
         measured = 0
@@ -243,7 +246,9 @@ def layerwise(adapter: ModelAdapter, tokens: torch.Tensor, process: Process, *, 
         if offload:
             layer.to("cpu")
         del originals
-        reports.append(LayerReport(index, time.perf_counter() - started, [
+        seconds = time.perf_counter() - started
+        phases["outputs"] = seconds - phases["stats"] - phases["process"]
+        reports.append(LayerReport(index, seconds, [
             LinearReport(
                 name=name,
                 shape=(p.out_features, p.in_features),
@@ -252,7 +257,7 @@ def layerwise(adapter: ModelAdapter, tokens: torch.Tensor, process: Process, *, 
                 info=info.get(name, {}),
             )
             for name, p in linears.items()
-        ]))
+        ], phases))
         bar.set_postfix(layer_s=f"{reports[-1].seconds:.1f}")
         bar.update()
     bar.close()

@@ -61,6 +61,7 @@ def run_one(args: argparse.Namespace) -> dict:
         result["sparsity"] = round(model.llmprune_report["summary"]["sparsity"], 4)
         errors = [layer["rel_error"] for layer in model.llmprune_report["layers"]]
         result["mean_rel_error"] = round(sum(errors) / len(errors), 4)
+        result["phase_s"] = model.llmprune_report["summary"]["phase_seconds"]
     result["peak_rss_prune_mb"] = round(peak_rss_mb())
     if not args.skip_eval:
         ppl = perplexity(model, "wikitext2", seqlen=args.eval_seqlen, window_stride=args.window_stride, progress=not args.quiet)

@@ -13,13 +13,27 @@ from . import calib as calibration
 from .errors import LLMPruneError
 from .models import ModelAdapter, Prunable
 from .patterns import NM, Pattern, Unstructured, parse_pattern
-from .pruners import make_pruner
-from .stats import InputStats
+from .allocation import check_allocation, outlier_ratio, owl_sparsities
+from .pruners import Pruned, make_pruner, make_refiner
+from .stats import SQ_NORM, InputStats
 
 
 def max_positions(model: nn.Module) -> int | None:
     config = model.config
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def owl_outlier_ratios(adapter: ModelAdapter, tokens: torch.Tensor, m: float, device: str, batch_size: int,
+                       progress: bool) -> list[float]:
+    """OWL's statistics pre-pass: each layer's outlier ratio of Wanda scores on the dense model."""
+    ratios: list[float] = []
+
+    def collect(index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> None:
+        ratios.append(outlier_ratio([(p.weight.float(), stats[n].channel_norm) for n, p in linears.items()], m))
+
+    stream.layerwise(adapter, tokens, collect, needs=frozenset({SQ_NORM}), device=device, batch_size=batch_size,
+                     measure_error=False, progress=progress, desc="OWL outlier ratios")
+    return ratios
 
 
 def check_seqlen(model: nn.Module, seqlen: int) -> None:
@@ -32,15 +46,20 @@ def prune(model: nn.Module | str | os.PathLike, method: str = "wanda", pattern: 
           sparsity: float | None = None, calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048,
           seed: int = 0, device: str = "auto", batch_size: int = 8, dtype: str | None = None, tokenizer=None,
           calib_tokens: torch.Tensor | None = None, share_stats: bool = True, progress: bool = True,
-          **pruner_options) -> nn.Module:
+          refine: str | None = None, refine_options: dict | None = None, allocation: str = "uniform",
+          owl_lambda: float = 0.08, owl_m: float = 5.0, **pruner_options) -> nn.Module:
     """Prune a causal LM in place and return it, with ``model.llmprune_report`` describing the run.
 
     ``model`` is a loaded transformers model or anything ``models.load`` accepts. ``calib_tokens``
     (``[nsamples, seqlen]``) bypasses ``calib`` for callers that bring their own tokens.
     ``pruner_options`` go to the pruner's constructor (e.g. SparseGPT's ``blocksize``).
+    ``refine="dsnot"`` refines every base mask with DSnoT (``refine_options`` go to its constructor).
+    ``allocation="owl"`` sets per-layer unstructured sparsities from a dense statistics pre-pass.
     """
     pruner = make_pruner(method, **pruner_options)
+    refiner = make_refiner(refine, **(refine_options or {})) if refine else None
     pattern = pattern if isinstance(pattern, (Unstructured, NM)) else parse_pattern(pattern, sparsity)
+    check_allocation(allocation, pattern)
     if isinstance(model, (str, os.PathLike)):
         model, tokenizer = models.load(model, dtype)
     tokenizer = tokenizer or getattr(model, "llmprune_tokenizer", None)
@@ -55,20 +74,34 @@ def prune(model: nn.Module | str | os.PathLike, method: str = "wanda", pattern: 
     else:
         calib = "tokens given by the caller"
 
+    started = time.perf_counter()
+    allocated: dict = {"name": allocation}
+    layer_patterns = [pattern] * len(adapter)
+    if allocation == "owl":
+        ratios = owl_outlier_ratios(adapter, calib_tokens, owl_m, device, batch_size, progress)
+        sparsities = owl_sparsities(ratios, pattern.sparsity, owl_lambda)
+        layer_patterns = [Unstructured(s) for s in sparsities]
+        allocated.update(lam=owl_lambda, m=owl_m, outlier_ratios=[round(r, 6) for r in ratios],
+                         sparsities=[round(s, 6) for s in sparsities])
+
     def process(index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> dict[str, dict]:
         info = {}
+        layer_pattern = layer_patterns[index]
         for name, linear in linears.items():
-            started = time.perf_counter()
-            result = pruner.prune(linear.weight.float().clone(), stats.get(name), pattern)
-            bad = pattern.violations(result.weight)
+            clock = time.perf_counter()
+            original = linear.weight.float().clone()
+            result = pruner.prune(original.clone(), stats.get(name), layer_pattern)
+            if refiner is not None and refiner.applies_to(name):
+                refined = refiner.refine(original, result.weight, stats[name], layer_pattern)
+                result = Pruned(refined.weight, {**result.info, **refined.info})
+            bad = layer_pattern.violations(result.weight)
             if bad:
-                raise RuntimeError(f"{method} produced a weight for {name} that breaks {pattern} in {bad} rows/groups")
+                raise RuntimeError(f"{method} produced a weight for {name} that breaks {layer_pattern} in {bad} rows/groups")
             linear.set_weight(result.weight)
-            info[name] = {"seconds": round(time.perf_counter() - started, 4), **result.info}
+            info[name] = {"seconds": round(time.perf_counter() - clock, 4), **result.info}
         return info
 
-    started = time.perf_counter()
-    reports = stream.layerwise(adapter, calib_tokens, process, needs=pruner.needs, device=device,
+    reports = stream.layerwise(adapter, calib_tokens, process, needs=pruner.needs | (refiner.needs if refiner else frozenset()), device=device,
                                batch_size=batch_size, share_stats=share_stats, progress=progress,
                                hessian_dtype=getattr(pruner, "hessian_dtype", torch.float32))
     weights = [p.weight for p in adapter.all_linears().values()]
@@ -80,6 +113,8 @@ def prune(model: nn.Module | str | os.PathLike, method: str = "wanda", pattern: 
             "pattern": str(pattern),
             "target_sparsity": pattern.target_sparsity,
             "options": pruner_options,
+            "refine": {"name": refine, **(refine_options or {})} if refine else None,
+            "allocation": allocated,
             "calibration": {"spec": calib, "nsamples": int(calib_tokens.shape[0]),
                             "seqlen": int(calib_tokens.shape[1]), "seed": seed},
             "source": getattr(model, "llmprune_source", None),

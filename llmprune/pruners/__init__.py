@@ -3,24 +3,35 @@ from __future__ import annotations
 
 from ..errors import LLMPruneError
 from .base import Pruned, Pruner, apply_keep_mask
+from .dsnot import DSnoT
 from .magnitude import Magnitude
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
-PRUNERS: dict[str, type] = {"magnitude": Magnitude, "wanda": Wanda}
-PRUNERS["sparsegpt"] = SparseGPT
+PRUNERS: dict[str, type] = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
+
+# Refiners take a base pruner's result and improve its mask: ``refine(original, pruned, stats, pattern)``.
+REFINERS: dict[str, type] = {"dsnot": DSnoT}
 
 
-def make_pruner(method: str, **options) -> Pruner:
-    """Instantiate a pruner by name, with a clear error for an unknown one."""
+def _make(registry: dict[str, type], kind: str, name: str, options: dict):
+    """Instantiate ``registry[name](**options)``, with clear errors for an unknown name or option."""
     try:
-        cls = PRUNERS[method]
+        cls = registry[name]
     except KeyError:
-        raise LLMPruneError(f"unknown method {method!r}; choose one of {', '.join(sorted(PRUNERS))}") from None
+        raise LLMPruneError(f"unknown {kind} {name!r}; choose one of {', '.join(sorted(registry))}") from None
     try:
         return cls(**options)
     except TypeError:
-        raise LLMPruneError(f"method {method!r} takes no option(s) {', '.join(sorted(options))}") from None
+        raise LLMPruneError(f"{kind} {name!r} takes no option(s) {', '.join(sorted(options))}") from None
 
 
-__all__ = ["PRUNERS", "Pruned", "Pruner", "apply_keep_mask", "make_pruner"]
+def make_pruner(method: str, **options) -> Pruner:
+    return _make(PRUNERS, "method", method, options)
+
+
+def make_refiner(name: str, **options) -> DSnoT:
+    return _make(REFINERS, "refinement", name, options)
+
+
+__all__ = ["PRUNERS", "REFINERS", "Pruned", "Pruner", "apply_keep_mask", "make_pruner", "make_refiner"]

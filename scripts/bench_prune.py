@@ -2,8 +2,9 @@
 """Benchmark protocol: prune with each config, then WikiText-2 perplexity; prints a markdown table.
 
 Each config runs in its own subprocess, so its peak RSS is its own. Config syntax:
-``dense``, ``METHOD@SPARSITY`` (unstructured), ``METHOD@N:M``, plus ``+noshare`` to give every
-linear its own statistics (measures what Hessian sharing saves). Example (the protocol):
+``dense``, ``METHOD@SPARSITY`` (unstructured), ``METHOD@N:M``, plus suffixes: ``+dsnot`` (DSnoT
+refinement), ``+owl`` (OWL allocation), ``+noshare`` (every linear gets its own statistics, to
+measure what Hessian sharing saves). Example (the protocol):
 
     python scripts/bench_prune.py dense magnitude@0.5 wanda@0.5 magnitude@2:4 wanda@2:4 --json eval/results/core.json
 """
@@ -26,15 +27,23 @@ from llmprune.resources import shared_dir  # noqa: E402
 DEFAULT_MODEL = shared_dir() / "models" / "smollm2-135m-instruct-q4_1"
 
 
+# Suffixes that switch a pipeline option on: METHOD@TARGET+dsnot+owl+noshare.
+SUFFIXES = {"noshare": {"share_stats": False}, "dsnot": {"refine": "dsnot"}, "owl": {"allocation": "owl"}}
+
+
 def parse_config(config: str) -> dict:
-    share = not config.endswith("+noshare")
-    base = config.removesuffix("+noshare")
+    base, *flags = config.split("+")
+    options: dict = {}
+    for flag in flags:
+        if flag not in SUFFIXES:
+            raise SystemExit(f"unknown config suffix +{flag}; known: {', '.join(SUFFIXES)}")
+        options.update(SUFFIXES[flag])
     if base == "dense":
-        return {"method": None, "pattern": None, "sparsity": None, "share": share}
+        return {"method": None, "options": options}
     method, _, target = base.partition("@")
     if ":" in target:
-        return {"method": method, "pattern": target, "sparsity": None, "share": share}
-    return {"method": method, "pattern": None, "sparsity": float(target or 0.5), "share": share}
+        return {"method": method, "pattern": target, "sparsity": None, "options": options}
+    return {"method": method, "pattern": None, "sparsity": float(target or 0.5), "options": options}
 
 
 def peak_rss_mb() -> float:
@@ -56,7 +65,7 @@ def run_one(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         llmprune.prune(model, method=spec["method"], pattern=spec["pattern"], sparsity=spec["sparsity"],
                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device="cpu",
-                       batch_size=args.batch_size, share_stats=spec["share"], progress=not args.quiet)
+                       batch_size=args.batch_size, progress=not args.quiet, **spec["options"])
         result["prune_s"] = round(time.perf_counter() - started, 1)
         result["sparsity"] = round(model.llmprune_report["summary"]["sparsity"], 4)
         errors = [layer["rel_error"] for layer in model.llmprune_report["layers"]]

@@ -1,4 +1,4 @@
-"""Command line: ``llmprune prune | eval | info``. Parses, calls the API, prints."""
+"""Command line: ``llmprune prune | eval | info | compare``. Parses, calls the API, prints."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,8 @@ EPILOG = """examples:
   llmprune prune ../shared/models/smollm2-135m-instruct-q4_1 --method wanda --pattern 2:4 --out smollm2-wanda-24
   llmprune eval smollm2-wanda-24 --ppl wikitext2 --window-stride 8
   llmprune info smollm2-wanda-24
+  llmprune eval smollm2-wanda-24 --tasks piqa,arc_easy,hellaswag --limit 500 --json wanda.json
+  llmprune compare --results dense.json wanda.json --out report/
 """
 
 
@@ -27,6 +29,24 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _limit(text: str) -> int | float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--limit must be positive, got {text}")
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _add_task_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated zero-shot tasks on local data: hellaswag, piqa, arc_easy, arc_challenge, "
+                             "winogrande, boolq, openbookqa, lambada_openai")
+    parser.add_argument("--limit", type=_limit, default=None,
+                        help="score only the first N documents of each task (a fraction < 1 takes that share)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder of the task .jsonl files (default $LLMPRUNE_SHARED/data/tasks, i.e. ../shared/data/tasks)")
+    parser.add_argument("--tasks-dir", default=None, help="folder of lm-eval task configs (default eval/tasks of the checkout)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,21 +74,40 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     _add_common(prune)
 
-    evaluate = commands.add_parser("eval", help="measure perplexity of a model or a pruned checkpoint",
-                                   description="Perplexity with the paper protocol: non-overlapping windows of --seqlen.")
+    evaluate = commands.add_parser("eval", help="measure perplexity and zero-shot task accuracy of a model or a pruned checkpoint",
+                                   description="Perplexity with the paper protocol (non-overlapping windows of --seqlen) "
+                                               "and/or zero-shot lm-eval tasks on local data (--tasks). --batch-size "
+                                               "defaults to 1 for perplexity and 16 for tasks.")
     evaluate.add_argument("model", help="checkpoint directory, .gguf, or Hub id")
-    evaluate.add_argument("--ppl", default="wikitext2", help="wikitext2, c4, or a local text file")
+    evaluate.add_argument("--ppl", default=None, help="wikitext2, c4, or a local text file (default wikitext2 unless --tasks is given)")
+    _add_task_options(evaluate)
     evaluate.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
     evaluate.add_argument("--window-stride", type=int, default=1, help="score every k-th window only (protocol subset: 8)")
     evaluate.add_argument("--backend", default="auto", choices=["auto", "dense", "semi-structured"],
                           help="how packed 2:4 layers compute: CUDA 2:4 kernels, exact dense, or auto (default)")
-    evaluate.add_argument("--json", default=None, help="also write the result to this JSON file")
+    evaluate.add_argument("--json", default=None, help="also write the results to this JSON file (llmprune compare --results reads it)")
     _add_common(evaluate)
-    evaluate.set_defaults(batch_size=1)
+    evaluate.set_defaults(batch_size=None)
 
     info = commands.add_parser("info", help="show the recipe, per-layer sparsity and size of a pruned checkpoint")
     info.add_argument("directory")
     info.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    compare = commands.add_parser("compare", help="one table and plots of a dense model against pruned ones",
+                                  description="Dense and pruned models side by side (method, pattern, sparsity, perplexity, "
+                                              "task accuracy, size) in OUT/report.md with PNG plots. Rows come from "
+                                              "`llmprune eval --json` files (--results) or from evaluating the models "
+                                              "here (--ppl and/or --tasks).")
+    compare.add_argument("models", nargs="*", help="dense model first, then pruned checkpoints")
+    compare.add_argument("--results", nargs="+", default=[], metavar="JSON",
+                         help="result files of llmprune eval --json; a listed model with one is not re-evaluated")
+    compare.add_argument("--ppl", default=None, help="evaluate models without a result file on this perplexity set")
+    _add_task_options(compare)
+    compare.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
+    compare.add_argument("--window-stride", type=int, default=1, help="score every k-th perplexity window only")
+    compare.add_argument("--out", required=True, help="report directory (report.md, plots, comparison.json)")
+    _add_common(compare)
+    compare.set_defaults(batch_size=None)
     return parser
 
 
@@ -97,17 +136,29 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .eval import perplexity
+    from .eval.harness import check_data, describe_tasks, evaluate_tasks, resolve_tasks
+    from .eval.report import result_record
     from .models import load_model
+
+    if args.tasks:  # a bad task name or missing data fails before the model loads
+        check_data(resolve_tasks(args.tasks, args.tasks_dir), args.data_dir)
 
     model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     reasons = Counter(getattr(model, "llmprune_fallbacks", {}).values())
     for reason, count in reasons.items():
         print(f"{count} packed linear(s) run on the exact dense path: {reason}", file=sys.stderr)
-    result = perplexity(model, args.ppl, seqlen=args.seqlen, window_stride=args.window_stride,
-                        batch_size=args.batch_size, progress=not args.quiet)
-    print(result.describe())
+    ppl = args.ppl or (None if args.tasks else "wikitext2")
+    ppl_result = task_result = None
+    if ppl:
+        ppl_result = perplexity(model, ppl, seqlen=args.seqlen, window_stride=args.window_stride,
+                                batch_size=args.batch_size or 1, progress=not args.quiet)
+        print(ppl_result.describe())
+    if args.tasks:
+        task_result = evaluate_tasks(model, args.tasks, limit=args.limit, batch_size=args.batch_size or 16,
+                                     tasks_dir=args.tasks_dir, data_dir=args.data_dir, progress=not args.quiet)
+        print(describe_tasks(task_result))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, **result.to_json()}, indent=1))
+        Path(args.json).write_text(json.dumps(result_record(args.model, ppl_result, task_result), indent=1))
 
 
 def linear_sizes(directory: Path, names: list[str]) -> dict[str, tuple[int, int]]:
@@ -155,9 +206,20 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{layer['name']:<{width}}  {shape:>11}  {layer['sparsity']:>8.4f}  {error:>9}  {disk / 1024:>8.1f}  {disk / dense:>8.3f}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .eval.report import compare
+
+    report = compare(args.models, args.results, out=args.out, ppl=args.ppl, tasks=args.tasks, limit=args.limit,
+                     seqlen=args.seqlen, window_stride=args.window_stride, device=args.device, dtype=args.dtype,
+                     batch_size=args.batch_size, tasks_dir=args.tasks_dir, data_dir=args.data_dir,
+                     progress=not args.quiet)
+    print(report.read_text().rstrip())
+    print(f"\nwritten to {report.parent}/ ({', '.join(sorted(p.name for p in report.parent.iterdir() if p.is_file()))})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info}[args.command]
+    handler = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info, "compare": cmd_compare}[args.command]
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 

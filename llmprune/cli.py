@@ -20,6 +20,8 @@ EPILOG = """examples:
 
 # CLI flags forwarded to the pruner's constructor when given.
 PRUNER_OPTIONS = ("blocksize", "percdamp", "hessian_dtype")
+# CLI flags forwarded to the refiner's constructor (``dsnot_cycles`` → ``cycles``).
+REFINE_OPTIONS = ("dsnot_cycles", "dsnot_threshold", "dsnot_skip")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--percdamp", type=float, default=None, help="SparseGPT: damping as a fraction of mean diag(H) (default 0.01)")
     prune.add_argument("--hessian-dtype", dest="hessian_dtype", default=None, choices=["float32", "float64"],
                        help="SparseGPT: accumulation and factorisation dtype (default float32)")
+    prune.add_argument("--refine", default=None, choices=["dsnot"], help="refine every base mask with DSnoT prune-and-grow")
+    prune.add_argument("--dsnot-cycles", dest="dsnot_cycles", type=int, default=None, help="DSnoT: grow/prune cycles per row (default 50)")
+    prune.add_argument("--dsnot-threshold", dest="dsnot_threshold", type=float, default=None,
+                       help="DSnoT: stop a row when its expected error |e| falls under this (default 0.1)")
+    prune.add_argument("--dsnot-skip", dest="dsnot_skip", default=None,
+                       help="DSnoT: comma-separated name parts of linears not to refine, e.g. 'mlp' as in the paper's code")
+    prune.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
+                       help="per-layer sparsity: uniform (default) or OWL outlier-weighted (unstructured only)")
+    prune.add_argument("--owl-lambda", dest="owl_lambda", type=float, default=0.08, help="OWL: sparsity spread ±λ (default 0.08)")
+    prune.add_argument("--owl-m", dest="owl_m", type=float, default=5.0, help="OWL: outlier threshold, M × the layer's mean score (default 5)")
     prune.add_argument("--out", required=True, help="output directory (written atomically)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     _add_common(prune)
@@ -117,16 +129,26 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from .formats.checkpoint import check_output_dir
     from .patterns import parse_pattern
     from .pipeline import prune
-    from .pruners import make_pruner
+    from .allocation import check_allocation
+    from .pruners import make_pruner, make_refiner
 
     options = {k: getattr(args, k) for k in PRUNER_OPTIONS if getattr(args, k) is not None}
+    refine_options = {k.removeprefix("dsnot_"): getattr(args, k) for k in REFINE_OPTIONS if getattr(args, k) is not None}
+    if "skip" in refine_options:
+        refine_options["skip"] = tuple(part for part in refine_options["skip"].split(",") if part)
+    if refine_options and not args.refine:
+        raise LLMPruneError("--dsnot-* options need --refine dsnot")
     make_pruner(args.method, **options)
-    parse_pattern(args.pattern, args.sparsity)
+    if args.refine:
+        make_refiner(args.refine, **refine_options)
+    check_allocation(args.allocation, parse_pattern(args.pattern, args.sparsity))
     check_output_dir(args.out, args.overwrite)
     model, tokenizer = models.load(args.model, args.dtype)
     prune(model, method=args.method, pattern=args.pattern, sparsity=args.sparsity, calib=args.calib,
           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
-          batch_size=args.batch_size, tokenizer=tokenizer, progress=not args.quiet, **options)
+          batch_size=args.batch_size, tokenizer=tokenizer, progress=not args.quiet, refine=args.refine,
+          refine_options=refine_options, allocation=args.allocation, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
+          **options)
     summary = model.llmprune_report["summary"]
     save(model.to("cpu"), args.out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(f"pruned {args.model} with {args.method} {model.llmprune_report['recipe']['pattern']}: "

@@ -49,6 +49,9 @@ def test_prune_info_eval(capsys, tiny_checkpoint, calib_file, tmp_path) -> None:
     (["--sparsity", "1.0"], r"sparsity must be in \[0, 1\)"),
     (["--sparsity", "-0.5"], r"sparsity must be in \[0, 1\)"),
     (["--method", "wanda", "--blocksize", "64"], "takes no option"),
+    (["--allocation", "owl", "--pattern", "2:4"], "OWL allocates unstructured sparsity"),
+    (["--dsnot-cycles", "5"], "--dsnot-\\* options need --refine dsnot"),
+    (["--refine", "dsnot", "--dsnot-cycles", "-1"], "cycles"),
     (["--nsamples", "64", "--seqlen", "60"], "has [0-9]+ tokens; windows of seqlen=60"),
     (["--seqlen", "4096"], "exceeds the model's max_position_embeddings 64"),
 ])
@@ -134,3 +137,13 @@ def test_help_mentions_every_method(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["prune", "--help"])
     assert "magnitude" in capsys.readouterr().out
+
+
+def test_dsnot_and_owl_from_the_cli(capsys, tiny_checkpoint, calib_file, tmp_path) -> None:
+    out = tmp_path / "refined"
+    code, stdout, err = run_cli(capsys, *prune_args(tiny_checkpoint, calib_file, out, "--method", "wanda", "--sparsity", "0.6",
+                                                    "--refine", "dsnot", "--dsnot-skip", "mlp", "--allocation", "owl"))
+    assert code == 0, err
+    recipe = json.loads((out / "llmprune.json").read_text())["recipe"]
+    assert recipe["refine"] == {"name": "dsnot", "skip": ["mlp"]}
+    assert recipe["allocation"]["name"] == "owl" and len(recipe["allocation"]["sparsities"]) == 3

@@ -125,9 +125,10 @@ def _detach_gguf_quantizer(model: nn.Module, gguf_file: str) -> None:
     if not all(p.dtype.is_floating_point for p in model.parameters()):
         raise LLMPruneError(f"{gguf_file} was loaded with packed GGUF blocks; llmprune needs it dequantized "
                             f"(uninstall the `kernels` package so transformers dequantizes on load)")
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    model.hf_quantizer.remove_quantization_config(model)
+    for module in model.modules():  # transformers also flags every sub-model's config
+        if getattr(getattr(module, "config", None), "_is_quantized", False):
+            module.config._is_quantized = False
 
 
 def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None) -> tuple[nn.Module, object]:

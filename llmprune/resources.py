@@ -16,3 +16,15 @@ def shared_file(*parts: str) -> Path | None:
     """A file under the shared folder, or None when it is absent."""
     path = shared_dir().joinpath(*parts)
     return path if path.exists() else None
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS in MiB (VmHWM; ``ru_maxrss`` is inherited across fork+exec on Linux)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

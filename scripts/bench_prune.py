@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llmprune.resources import shared_dir  # noqa: E402
+from llmprune.resources import peak_rss_mb, shared_dir  # noqa: E402
 
 DEFAULT_MODEL = shared_dir() / "models" / "smollm2-135m-instruct-q4_1"
 
@@ -44,10 +43,6 @@ def parse_config(config: str) -> dict:
     if ":" in target:
         return {"method": method, "pattern": target, "sparsity": None, "options": options}
     return {"method": method, "pattern": None, "sparsity": float(target or 0.5), "options": options}
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_one(args: argparse.Namespace) -> dict:

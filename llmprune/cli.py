@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(evaluate)
     evaluate.set_defaults(batch_size=None)
 
+    export = commands.add_parser("export", help="unpack a packed 2:4 checkpoint into a plain dense one",
+                                 description="Write an ordinary dense transformers checkpoint from a packed llmprune checkpoint.")
+    export.add_argument("directory", help="a checkpoint written by llmprune prune")
+    export.add_argument("--dense", required=True, metavar="OUT", help="output directory (written atomically)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    export.add_argument("--debug", action="store_true", help="show tracebacks")
+
     info = commands.add_parser("info", help="show the recipe, per-layer sparsity and size of a pruned checkpoint")
     info.add_argument("directory")
     info.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -239,9 +246,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"\nwritten to {report.parent}/ ({', '.join(sorted(p.name for p in report.parent.iterdir() if p.is_file()))})")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .formats.checkpoint import export_dense
+
+    out = export_dense(args.directory, args.dense, overwrite=args.overwrite)
+    print(f"wrote a dense checkpoint of {args.directory} to {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info, "compare": cmd_compare}[args.command]
+    handler = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info, "compare": cmd_compare,
+               "export": cmd_export}[args.command]
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 

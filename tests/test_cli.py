@@ -147,3 +147,24 @@ def test_dsnot_and_owl_from_the_cli(capsys, tiny_checkpoint, calib_file, tmp_pat
     recipe = json.loads((out / "llmprune.json").read_text())["recipe"]
     assert recipe["refine"] == {"name": "dsnot", "skip": ["mlp"]}
     assert recipe["allocation"]["name"] == "owl" and len(recipe["allocation"]["sparsities"]) == 3
+
+
+def test_export_packed_to_dense(capsys, tiny_checkpoint, calib_file, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import llmprune
+
+    packed, dense = tmp_path / "packed", tmp_path / "dense"
+    code, _, err = run_cli(capsys, *prune_args(tiny_checkpoint, calib_file, packed, "--pattern", "2:4"))
+    assert code == 0, err
+    assert "sparse-24-bitmask" in (packed / "config.json").read_text()
+    code, stdout, err = run_cli(capsys, "export", packed, "--dense", dense)
+    assert code == 0 and "wrote a dense checkpoint" in stdout, err
+    assert "quantization_config" not in (dense / "config.json").read_text()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        expected = llmprune.load(packed, backend="dense")(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(dense)(input_ids=ids).logits
+    assert torch.equal(expected, got)
+    code, _, err = run_cli(capsys, "export", packed, "--dense", dense)
+    assert code == 2 and "pass --overwrite" in err

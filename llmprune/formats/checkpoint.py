@@ -83,3 +83,19 @@ def read_report(directory: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise LLMPruneError(f"{path} is corrupt: {exc}") from exc
+
+
+def export_dense(directory: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Unpack a packed checkpoint into an ordinary dense one that plain ``from_pretrained`` loads."""
+    from ..models import load_model
+
+    check_output_dir(out, overwrite)
+    model = load_model(directory, device="cpu", backend="dense")
+    report = Path(directory) / REPORT_FILE
+    with atomic_output_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if model.llmprune_tokenizer is not None:
+            model.llmprune_tokenizer.save_pretrained(tmp)
+        if report.exists():
+            shutil.copy(report, tmp / REPORT_FILE)
+    return Path(out)

@@ -40,7 +40,9 @@ damped H), ``dead_inputs``, ``factor_reused``.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +64,18 @@ class _Factor:
     damping: float  # λ as a fraction of mean diag(H)
     retries: int  # how many times the damping was raised ×10
     source: tuple  # (tokens seen, Hessian version, device, dtype) the factor was computed from
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the column loop single-threaded: its thousands of tiny ops gain nothing from OpenMP, and on
+    shared cores the barriers thrash (measured 5-15 s vs 0.1-0.6 s per SmolLM2 linear on 2 busy cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class SparseGPT:
@@ -116,17 +130,18 @@ class SparseGPT:
                 scores = work[:, start:].square() / hinv.diagonal()[start:].square()
                 keep = _keep_in_block(scores, budget, end - start)
                 budget -= (~keep).sum(-1, keepdim=True)
-            for j in range(end - start):
-                if isinstance(pattern, NM) and j % pattern.m == 0:
-                    group = slice(j, j + pattern.m)
-                    keep[:, group] = pattern.keep_mask(block[:, group].square() / d[group].square())
-                w = block[:, j]
-                q = torch.where(keep[:, j], w, zero)
-                err = (w - q) / d[j]
-                loss += err.square().sum() / 2
-                block[:, j + 1:] -= err[:, None] * block_hinv[j, j + 1:][None, :]
-                block[:, j] = q
-                errors[:, j] = err
+            with _one_thread():
+                for j in range(end - start):
+                    if isinstance(pattern, NM) and j % pattern.m == 0:
+                        group = slice(j, j + pattern.m)
+                        keep[:, group] = pattern.keep_mask(block[:, group].square() / d[group].square())
+                    w = block[:, j]
+                    q = torch.where(keep[:, j], w, zero)
+                    err = (w - q) / d[j]
+                    loss += err.square().sum() / 2
+                    block[:, j + 1:] -= err[:, None] * block_hinv[j, j + 1:][None, :]
+                    block[:, j] = q
+                    errors[:, j] = err
             work[:, start:end] = block
             work[:, end:] -= errors @ hinv[start:end, end:]
         info = {"damping": float(f"{factor.damping:.3g}"), "damp_retries": factor.retries,

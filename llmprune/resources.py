@@ -1,6 +1,7 @@
 """Where the offline models and data live: ``$LLMPRUNE_SHARED``, else ``../shared`` beside the repo."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -28,3 +29,15 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def read_json(path: Path, missing: str) -> dict:
+    """A JSON file the project wrote, with clear errors: ``missing`` when absent, 'corrupt' when unparsable."""
+    from .errors import LLMPruneError
+
+    if not path.exists():
+        raise LLMPruneError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LLMPruneError(f"{path} is corrupt: {exc}") from exc

@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import LLMPruneError
+from ..resources import read_json
 from .packed import write_packed
 
 REPORT_FILE = "llmprune.json"
@@ -76,13 +77,7 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bo
 
 def read_report(directory: str | os.PathLike) -> dict:
     """The ``llmprune.json`` of a checkpoint, with a clear error when it is missing or corrupt."""
-    path = Path(directory) / REPORT_FILE
-    if not path.exists():
-        raise LLMPruneError(f"{directory} has no {REPORT_FILE}: it was not written by llmprune prune")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LLMPruneError(f"{path} is corrupt: {exc}") from exc
+    return read_json(Path(directory) / REPORT_FILE, f"{directory} has no {REPORT_FILE}: it was not written by llmprune prune")
 
 
 def export_dense(directory: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -40,6 +40,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import LLMPruneError
+from ..resources import read_json
 from ..sparse_linear import BACKENDS, SparseLinear
 from .sparse24 import bitmask_columns, dense_shape, is_24, pack_24, stored_positions
 
@@ -388,13 +389,7 @@ def write_packed(model: nn.Module, directory: str | os.PathLike, targets: set[st
 # ----------------------------------------------------------------------------- reading
 
 def _read_config_json(directory: Path) -> dict:
-    path = directory / CONFIG_NAME
-    if not path.exists():
-        raise LLMPruneError(f"{directory} has no {CONFIG_NAME}; it is not a saved checkpoint")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LLMPruneError(f"{path} is corrupt: {exc}") from exc
+    return read_json(directory / CONFIG_NAME, f"{directory} has no {CONFIG_NAME}; it is not a saved checkpoint")
 
 
 def is_packed_checkpoint(directory: str | os.PathLike) -> bool:

@@ -48,9 +48,8 @@ import torch
 from ..errors import LLMPruneError
 from ..patterns import NM, Pattern, Unstructured
 from ..stats import MOMENTS, SQ_NORM, InputStats
-from .base import Pruned
+from .base import Pruned, float_dtype
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
 
 
 def should_refine(name: str, skip: Iterable[str]) -> bool:
@@ -72,10 +71,7 @@ class DSnoT:
                 raise LLMPruneError(f"DSnoT {label} must be a non-negative number; got {value!r}")
         if isinstance(skip, str):
             skip = (skip,)
-        if isinstance(dtype, str):
-            dtype = _DTYPES.get(dtype.removeprefix("torch."), dtype)
-        if dtype not in (torch.float32, torch.float64):
-            raise LLMPruneError(f"DSnoT dtype must be float32 or float64; got {dtype!r}")
+        dtype = float_dtype(dtype, "DSnoT dtype")
         self.cycles = cycles
         self.threshold = float(threshold)
         self.gamma = float(gamma)

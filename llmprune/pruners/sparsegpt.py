@@ -50,9 +50,8 @@ import torch
 from ..errors import LLMPruneError
 from ..patterns import NM, Pattern, Unstructured
 from ..stats import HESSIAN, InputStats
-from .base import Pruned
+from .base import Pruned, float_dtype
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
 
 
 @dataclass
@@ -90,13 +89,9 @@ class SparseGPT:
         if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 < percdamp < float("inf"):
             raise LLMPruneError(f"SparseGPT percdamp must be a positive fraction of mean diag(H) (e.g. 0.01); "
                                 f"got {percdamp!r}")
-        if isinstance(hessian_dtype, str):
-            hessian_dtype = _DTYPES.get(hessian_dtype.removeprefix("torch."), hessian_dtype)
-        if hessian_dtype not in (torch.float32, torch.float64):
-            raise LLMPruneError(f"SparseGPT hessian_dtype must be float32 or float64; got {hessian_dtype!r}")
         self.blocksize = blocksize
         self.percdamp = float(percdamp)
-        self.hessian_dtype = hessian_dtype
+        self.hessian_dtype = float_dtype(hessian_dtype, "SparseGPT hessian_dtype")
         self._factors: weakref.WeakKeyDictionary[InputStats, _Factor] = weakref.WeakKeyDictionary()
 
     def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from .errors import LLMPruneError
-from .patterns import NM, Pattern
+from .patterns import Pattern, Unstructured
 
 
 def outlier_ratio(weights_and_norms: Iterable[tuple[torch.Tensor, torch.Tensor]], m: float = 5.0) -> float:
@@ -135,7 +135,7 @@ def check_allocation(name: str, pattern: Pattern) -> None:
     """Fail early, before any calibration, on an unknown allocation or one the pattern cannot take."""
     if name not in ALLOCATIONS:
         raise LLMPruneError(f"unknown allocation {name!r}; choose one of {', '.join(sorted(ALLOCATIONS))}")
-    if name == "owl" and isinstance(pattern, NM):
+    if name == "owl" and not isinstance(pattern, Unstructured):
         raise LLMPruneError(
             f"OWL allocates unstructured sparsity per layer; N:M fixes it at 1-N/M (pattern {pattern} is "
             f"{pattern.target_sparsity:g} in every layer). Use --allocation uniform with {pattern}, "

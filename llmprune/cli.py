@@ -204,6 +204,8 @@ def linear_sizes(directory: Path, names: list[str]) -> dict[str, tuple[int, int]
         if "compressed" in keys:
             rows, half = values.shape
             dense += rows * half * 2 * _ST_SIZES[values.dtype]
+        if "dense" in keys:  # the dense region of a hybrid split
+            dense += keys["dense"].end - keys["dense"].start
         sizes[name] = (disk, dense)
     return sizes
 

@@ -10,6 +10,11 @@ validates them, and keeps only what its backend computes with, never two copies 
   ``fallback_reason`` why it is not the requested one.
 - ``auto``: ``semi-structured`` where it applies, else ``dense``.
 
+Hybrid sparse-dense split (``dense_ranges``, input-column ranges kept dense): the 2:4 part is the
+weight's other columns ``S``, run by the backend as above, and the dense columns ``D`` run as a plain
+GEMM: ``y = W[:, S]·x[S] + W[:, D]·x[D] + b``, two stock GEMMs whose results add, the inputs
+gathered once per part (a view when the part is one contiguous range).
+
 ``weight`` returns the dense ``[out, in]`` weight, and ``state_dict()`` holds a dense ``weight``
 (and ``bias``) in the replaced module's layout, so ``save_pretrained`` writes a checkpoint that
 plain transformers loads, and ``formats.packed.write_packed`` re-packs it exactly.
@@ -67,16 +72,25 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "dense",
-                 name: str = "weight", transposed: bool = False) -> None:
-        """``weight`` is the dense 2:4 ``[out, in]`` weight; prefer ``from_packed`` when reading files."""
+                 name: str = "weight", transposed: bool = False,
+                 dense_ranges: tuple[tuple[int, int], ...] = ()) -> None:
+        """``weight`` is the dense ``[out, in]`` weight, 2:4 outside ``dense_ranges``; prefer
+        ``from_packed`` when reading files."""
         super().__init__()
         if backend not in BACKENDS:
             raise LLMPruneError(f"unknown SparseLinear backend {backend!r}; use one of {', '.join(BACKENDS)}")
-        if not is_24(weight):
-            raise LLMPruneError(f"{name} is not 2:4 (a group of 4 inputs holds more than 2 non-zeros, "
-                                f"or in_features is not divisible by 4); keep it as nn.Linear")
         self.name = name
         self.out_features, self.in_features = weight.shape
+        self.dense_ranges = tuple((int(a), int(b)) for a, b in dense_ranges)
+        dense = torch.zeros(self.in_features, dtype=torch.bool)
+        for start, end in self.dense_ranges:
+            if not (0 <= start < end <= self.in_features and start % 4 == 0 and (end % 4 == 0 or end == self.in_features)):
+                raise LLMPruneError(f"{name}: dense range {start}:{end} is not a run of whole groups of 4 "
+                                    f"inside its {self.in_features} inputs")
+            dense[start:end] = True
+        self.register_buffer("sparse_index", (~dense).nonzero().flatten().to(weight.device), persistent=False)
+        self.register_buffer("dense_index", dense.nonzero().flatten().to(weight.device), persistent=False)
+        self.register_buffer("dense_weight", None, persistent=False)  # [out, |D|] of a hybrid layer
         self.transposed = transposed
         self.requested_backend = backend
         self.backend = "dense"
@@ -86,12 +100,31 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_packed(cls, compressed: torch.Tensor, bitmask: torch.Tensor, shape, bias: torch.Tensor | None = None,
-                    backend: str = "dense", name: str = "weight", transposed: bool = False) -> SparseLinear:
-        """Build from packed tensors (on the device they are on); the bitmask is validated."""
-        return cls(unpack_24(compressed, bitmask, shape, name), bias, backend, name, transposed)
+                    backend: str = "dense", name: str = "weight", transposed: bool = False,
+                    dense: torch.Tensor | None = None, dense_ranges: tuple[tuple[int, int], ...] = ()) -> SparseLinear:
+        """Build from packed tensors (on the device they are on); the bitmask is validated.
+
+        A hybrid layer brings its dense region ``dense`` ``[out, |D|]`` and ``dense_ranges``; the packed
+        part then covers the other columns, in order (``shape`` is that part's ``(out, |S|)``).
+        """
+        sparse = unpack_24(compressed, bitmask, shape, name)
+        if dense is None:
+            return cls(sparse, bias, backend, name, transposed)
+        return cls(join_regions(sparse, dense, dense_ranges), bias, backend, name, transposed, dense_ranges)
+
+    @property
+    def hybrid(self) -> bool:
+        return bool(self.dense_ranges)
 
     def _set_kernel(self, weight: torch.Tensor) -> None:
         """Choose the backend for dense ``weight`` ``[out, in]`` and keep only its representation."""
+        sparse_index, dense_index = self.sparse_index.to(weight.device), self.dense_index.to(weight.device)
+        self.dense_weight = weight.index_select(1, dense_index).contiguous() if self.hybrid else None
+        weight = weight.index_select(1, sparse_index) if self.hybrid else weight
+        if not is_24(weight):
+            raise LLMPruneError(f"{self.name} is not 2:4 {'outside its dense columns ' if self.hybrid else ''}"
+                                f"(a group of 4 inputs holds more than 2 non-zeros, or in_features is not "
+                                f"divisible by 4); keep it as nn.Linear")
         reason = None
         if self.requested_backend != "dense":
             reason = semi_structured_unavailable(weight)
@@ -110,21 +143,37 @@ class SparseLinear(nn.Module):
         # Dense: the requested backend, or the per-layer fallback (the reason is kept to report).
         self.backend, self.fallback_reason = "dense", reason
         # Conv1D computes x @ W with W [in, out]: keep that layout so the results are bit-identical.
-        dense = weight.T.contiguous() if self.transposed else weight.contiguous()
+        dense = weight.T.contiguous() if self._conv_layout else weight.contiguous()
         self.kernel = nn.Parameter(dense, requires_grad=False)
 
     @property
-    def weight(self) -> torch.Tensor:
-        """The dense ``[out, in]`` weight (a view for the dense backend, a new tensor otherwise)."""
+    def _conv_layout(self) -> bool:
+        return self.transposed and not self.hybrid
+
+    @property
+    def sparse_weight(self) -> torch.Tensor:
+        """The 2:4 part ``[out, |S|]`` (the whole weight unless the layer is hybrid)."""
         if self.backend == "dense":
-            return self.kernel.T if self.transposed else self.kernel
+            return self.kernel.T if self._conv_layout else self.kernel
         return self.kernel.to_dense()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``[out, in]`` weight (a view for the dense non-hybrid backend, a new tensor otherwise)."""
+        if not self.hybrid:
+            return self.sparse_weight
+        return join_regions(self.sparse_weight, self.dense_weight, self.dense_ranges)
+
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(``compressed``, ``bitmask``) of the current weight, as ``formats.sparse24.pack_24`` writes them."""
-        return pack_24(self.weight, self.name)
+        """(``compressed``, ``bitmask``) of the 2:4 part, as ``formats.sparse24.pack_24`` writes them."""
+        return pack_24(self.sparse_weight, self.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hybrid:
+            sparse_x = _columns(x, self.sparse_index)
+            if self.backend == "semi-structured":
+                sparse_x = sparse_x.contiguous()
+            return F.linear(sparse_x, self.kernel, self.bias) + F.linear(_columns(x, self.dense_index), self.dense_weight)
         if self.backend == "dense" and self.transposed:
             flat = x.reshape(-1, x.shape[-1])
             out = flat @ self.kernel if self.bias is None else torch.addmm(self.bias, flat, self.kernel)
@@ -147,6 +196,8 @@ class SparseLinear(nn.Module):
         try:
             if weight is None and all(key in state_dict for key in packed_keys):
                 weight = unpack_24(*(state_dict[key] for key in packed_keys), prefix.rstrip("."))
+                if self.hybrid and prefix + "dense" in state_dict:
+                    weight = join_regions(weight, state_dict[prefix + "dense"], self.dense_ranges)
             elif weight is not None and self.transposed:
                 weight = weight.T
         except LLMPruneError as exc:
@@ -158,10 +209,11 @@ class SparseLinear(nn.Module):
         elif tuple(weight.shape) != (self.out_features, self.in_features):
             error_msgs.append(f"{prefix}weight has shape {tuple(weight.shape)}; this SparseLinear is "
                               f"({self.out_features}, {self.in_features}) as [out, in]")
-        elif not is_24(weight):
-            error_msgs.append(f"{prefix}weight is not 2:4; a SparseLinear cannot hold it")
         else:
-            self._set_kernel(weight.detach().to(device=self.kernel.device, dtype=self.kernel.dtype))
+            try:
+                self._set_kernel(weight.detach().to(device=self.kernel.device, dtype=self.kernel.dtype))
+            except LLMPruneError as exc:
+                error_msgs.append(f"{prefix}weight: {exc}")
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 with torch.no_grad():
@@ -169,7 +221,7 @@ class SparseLinear(nn.Module):
             elif strict:
                 missing_keys.append(prefix + "bias")
         if strict:
-            known = {prefix + "weight", prefix + "bias", *packed_keys}
+            known = {prefix + "weight", prefix + "bias", prefix + "dense", *packed_keys}
             unexpected_keys.extend(key for key in state_dict
                                    if key.startswith(prefix) and "." not in key[len(prefix):] and key not in known)
 
@@ -180,4 +232,30 @@ class SparseLinear(nn.Module):
             text += f" (asked {self.requested_backend}: {self.fallback_reason})"
         if self.transposed:
             text += ", transposed=True"
+        if self.hybrid:
+            text += ", dense_columns=" + ",".join(f"{a}:{b}" for a, b in self.dense_ranges)
         return text
+
+
+def _columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[..., index]``: a view when ``index`` is one contiguous run, else a gather."""
+    if index.numel() and int(index[-1]) - int(index[0]) + 1 == index.numel():
+        return x.narrow(-1, int(index[0]), index.numel())
+    return x.index_select(-1, index)
+
+
+def join_regions(sparse: torch.Tensor, dense: torch.Tensor, dense_ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The full ``[out, in]`` weight from a hybrid layer's 2:4 columns ``sparse`` and dense columns ``dense``
+    (each in column order); ``dense_ranges`` says where the dense ones go."""
+    rows = sparse.shape[0]
+    in_features = sparse.shape[1] + dense.shape[1]
+    is_dense = torch.zeros(in_features, dtype=torch.bool)
+    for start, end in dense_ranges:
+        is_dense[start:end] = True
+    if int(is_dense.sum()) != dense.shape[1] or dense.shape[0] != rows:
+        raise LLMPruneError(f"dense region {list(dense.shape)} does not match the dense columns "
+                            f"{[list(r) for r in dense_ranges]} of a [{rows}, {in_features}] weight")
+    weight = torch.empty(rows, in_features, dtype=sparse.dtype, device=sparse.device)
+    weight[:, ~is_dense.to(sparse.device)] = sparse
+    weight[:, is_dense.to(sparse.device)] = dense.to(sparse.dtype)
+    return weight

@@ -2,9 +2,11 @@
 """Benchmark protocol: prune with each config, then WikiText-2 perplexity; prints a markdown table.
 
 Each config runs in its own subprocess, so its peak RSS is its own. Config syntax:
-``dense``, ``METHOD@SPARSITY`` (unstructured), ``METHOD@N:M``, plus suffixes: ``+dsnot`` (DSnoT
-refinement), ``+owl`` (OWL allocation), ``+noshare`` (every linear gets its own statistics, to
-measure what Hessian sharing saves). Example (the protocol):
+``dense``, ``METHOD@SPARSITY`` (unstructured), ``METHOD@N:M``, ``METHOD@hybrid:F`` (2:4 with a dense
+fraction F), plus suffixes: ``+dsnot`` (DSnoT refinement), ``+owl`` (OWL allocation), ``+noshare``
+(every linear gets its own statistics, to measure what Hessian sharing saves), ``+saliency`` (hybrid
+blocks by saliency instead of the error-driven default), ``+global`` (one global hybrid budget).
+Example (the protocol):
 
     python scripts/bench_prune.py dense magnitude@0.5 wanda@0.5 magnitude@2:4 wanda@2:4 --json eval/results/core.json
 """
@@ -27,7 +29,8 @@ DEFAULT_MODEL = shared_dir() / "models" / "smollm2-135m-instruct-q4_1"
 
 
 # Suffixes that switch a pipeline option on: METHOD@TARGET+dsnot+owl+noshare.
-SUFFIXES = {"noshare": {"share_stats": False}, "dsnot": {"refine": "dsnot"}, "owl": {"allocation": "owl"}}
+SUFFIXES = {"noshare": {"share_stats": False}, "dsnot": {"refine": "dsnot"}, "owl": {"allocation": "owl"},
+            "saliency": {"hybrid_select": "saliency"}, "global": {"hybrid_budget": "global"}}
 
 
 def parse_config(config: str) -> dict:
@@ -40,6 +43,9 @@ def parse_config(config: str) -> dict:
     if base == "dense":
         return {"method": None, "options": options}
     method, _, target = base.partition("@")
+    if target.startswith("hybrid:"):
+        options["dense_fraction"] = float(target.removeprefix("hybrid:"))
+        return {"method": method, "pattern": "hybrid:2:4", "sparsity": None, "options": options}
     if ":" in target:
         return {"method": method, "pattern": target, "sparsity": None, "options": options}
     return {"method": method, "pattern": None, "sparsity": float(target or 0.5), "options": options}
@@ -65,6 +71,8 @@ def run_one(args: argparse.Namespace) -> dict:
         result["sparsity"] = round(model.llmprune_report["summary"]["sparsity"], 4)
         errors = [layer["rel_error"] for layer in model.llmprune_report["layers"]]
         result["mean_rel_error"] = round(sum(errors) / len(errors), 4)
+        if spec["pattern"] == "hybrid:2:4":
+            result["dense_fraction"] = round(model.llmprune_report["summary"]["dense_fraction"], 4)
         result["phase_s"] = model.llmprune_report["summary"]["phase_seconds"]
     result["peak_rss_prune_mb"] = round(peak_rss_mb())
     if not args.skip_eval:
@@ -74,7 +82,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    columns = ["config", "ppl", "sparsity", "mean_rel_error", "prune_s", "peak_rss_prune_mb", "eval_s", "windows"]
+    columns = ["config", "ppl", "sparsity", "dense_fraction", "mean_rel_error", "prune_s", "peak_rss_prune_mb", "eval_s", "windows"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(str(row.get(c, "-")) for c in columns) + " |")

@@ -46,7 +46,8 @@ def reference_obs(weight: torch.Tensor, hessian: torch.Tensor, pattern, reselect
 
     With F = {j, ..., in−1} the columns not yet fixed, H_F⁻¹ = inv(H[F, F]) directly; pruning
     column j to q moves the free columns by −(w_j − q)/H_F⁻¹[0,0] · H_F⁻¹[0, :]. The score of
-    column j is w_j² / H_F⁻¹[0,0]. N:M picks each group's mask at its first column. Unstructured
+    column j is w_j² / H_F⁻¹[0,0]. N:M picks each group's mask at its first column (none in its
+    ``dense`` ranges). Unstructured
     picks at column 0 (and again every ``reselect_every`` columns): each row ranks its remaining
     columns and prunes those among its remaining-budget lowest that come before the next pick.
     Returns the pruned weight and the summed OBS loss Σ (w_j − q)² / (2 H_F⁻¹[0,0]).
@@ -66,7 +67,7 @@ def reference_obs(weight: torch.Tensor, hessian: torch.Tensor, pattern, reselect
 
     loss = 0.0
     for j in range(columns):
-        if isinstance(pattern, NM) and j % pattern.m == 0:
+        if isinstance(pattern, NM) and j % pattern.m == 0 and not any(a <= j < b for a, b in pattern.dense):
             for r in range(rows):
                 scores = (w[r, j:j + pattern.m].square() / d2[j:j + pattern.m]).tolist()
                 for c in lowest(scores, pattern.m - pattern.n):

@@ -60,14 +60,17 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bo
 
     A run pruned with pattern 2:4 declares its pruned linears as packing targets, so a weight that
     is not 2:4 fails loudly instead of being stored dense; other 2:4 linears are packed when found.
+    A hybrid:2:4 run declares each linear's dense columns (from the report) the same way.
     """
     tokenizer = tokenizer or getattr(model, "llmprune_tokenizer", None)
     report = getattr(model, "llmprune_report", None)
-    targets = None
-    if report is not None and report.get("recipe", {}).get("pattern") == "2:4":
+    targets, hybrid = None, None
+    pattern = (report or {}).get("recipe", {}).get("pattern")
+    if pattern in ("2:4", "hybrid:2:4"):
         targets = {layer["name"] for layer in report.get("layers", [])}
+        hybrid = {layer["name"]: layer.get("dense_columns") or () for layer in report.get("layers", [])}
     with atomic_output_dir(out, overwrite) as tmp:
-        write_packed(model, tmp, targets=targets)
+        write_packed(model, tmp, targets=targets, hybrid=hybrid)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:

@@ -8,7 +8,8 @@ sparsity block, so tools that read that format see a ``sparse-24-bitmask`` model
       "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4",
                           "targets": ["Linear"], "ignore": ["lm_head"], "global_sparsity": 45.1,
                           "registry_requires_subclass": false}},
-    "llmprune_packing": {"version": 1, "packed": [module names], "tied": {alias: stored key}}
+    "llmprune_packing": {"version": 1, "packed": [module names], "tied": {alias: stored key},
+                         "hybrid": {module name: [[start, end], ...]}}
 
 ``targets`` are the class names of the packed modules and ``ignore`` the modules of those classes
 left dense, as llm-compressor writes them; ``global_sparsity`` is the percentage of zeros over all
@@ -16,7 +17,13 @@ parameters (the legacy definition). ``llmprune_packing`` sits outside ``quantiza
 compressed-tensors' parser never mistakes it for a quantization scheme.
 
 ``model.safetensors`` holds, for each packed module ``P``, ``P.compressed``/``P.bitmask``/``P.shape``
-(see ``sparse24``) and ``P.bias`` if any; every other tensor dense under its usual key. A tensor
+(see ``sparse24``) and ``P.bias`` if any; every other tensor dense under its usual key.
+
+A hybrid (sparse-dense split) module ``P`` lists its dense input-column ranges under
+``llmprune_packing.hybrid``. Its 2:4 part, the other columns in order, is packed as above with
+``P.shape`` = ``(out, |S|)``, and its dense columns are ``P.dense`` ``[out, |D|]`` in the model
+dtype, in column order. Legacy ``sparse-24-bitmask`` readers cannot rebuild such a module; it is
+listed in the sparsity config's ``ignore``, and only llmprune reads it. A tensor
 shared by several keys (``lm_head`` tied to the embeddings) is stored once, under the first key in
 ``state_dict`` order, and is never packed. The file is streamed: its header is computed from shapes,
 then each tensor is packed and written in turn, so writing needs one layer of extra memory.
@@ -50,6 +57,9 @@ CONFIG_NAME = "config.json"
 SPARSE_FORMAT = "sparse-24-bitmask"
 PACKING_KEY = "llmprune_packing"
 PACKED_SUFFIXES = ("compressed", "bitmask", "shape")
+HYBRID_SUFFIX = "dense"
+
+Ranges = tuple[tuple[int, int], ...]
 _MAX_HEADER = 100 * 1024 * 1024
 
 _ST_DTYPES: dict[torch.dtype, str] = {
@@ -117,14 +127,34 @@ def _class_name(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def choose_packed(model: nn.Module, targets: set[str] | None = None) -> list[str]:
+def _region_columns(in_features: int, ranges: Ranges) -> torch.Tensor:
+    """Bool ``[in]``: the dense columns of a hybrid layer."""
+    dense = torch.zeros(in_features, dtype=torch.bool)
+    for start, end in ranges:
+        dense[start:end] = True
+    return dense
+
+
+def _split_regions(weight: torch.Tensor, ranges: Ranges) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2:4 part ``[out, |S|]``, dense part ``[out, |D|]``) of a hybrid layer's weight."""
+    dense = _region_columns(weight.shape[1], ranges).to(weight.device)
+    return weight[:, ~dense], weight[:, dense]
+
+
+def _module_ranges(module: nn.Module, hybrid: dict[str, Ranges], name: str) -> Ranges:
+    return module.dense_ranges if isinstance(module, SparseLinear) else hybrid.get(name, ())
+
+
+def choose_packed(model: nn.Module, targets: set[str] | None = None, hybrid: dict[str, Ranges] | None = None) -> list[str]:
     """Names of the linears ``write_packed`` packs: every ``SparseLinear``, every 2:4 ``nn.Linear``/``Conv1D``.
 
     ``targets`` (module names) must all be packable: each one that is not 2:4, not a linear, or
-    tied to another tensor raises, naming it. Tied weights are never packed.
+    tied to another tensor raises, naming it. ``hybrid`` maps module names to their dense column
+    ranges: those modules are targets whose other columns must be 2:4. Tied weights are never packed.
     """
     modules = dict(model.named_modules())
-    targets = set(targets or ())
+    hybrid = hybrid or {}
+    targets = set(targets or ()) | set(hybrid)
     for name in sorted(targets):
         if name not in modules:
             raise LLMPruneError(f"2:4 target {name} is not a module of this model")
@@ -147,6 +177,8 @@ def choose_packed(model: nn.Module, targets: set[str] | None = None) -> list[str
                                     f"Untie it or drop it from the 2:4 targets.")
             continue
         weight = _linear_weight(module)
+        if name in hybrid:
+            weight = _split_regions(weight, hybrid[name])[0]
         if name in targets:
             if not is_24(weight):
                 stored_positions(weight, key)  # raises with the details (shape, dtype, first crowded group)
@@ -306,39 +338,49 @@ def _global_sparsity(model: nn.Module) -> float:
     return round(100.0 * zeros / max(total, 1), 4)
 
 
-def _packed_section(name: str, module: nn.Module) -> _Section:
+def _packed_section(name: str, module: nn.Module, ranges: Ranges) -> _Section:
     if isinstance(module, SparseLinear):
         out_features, in_features, dtype = module.out_features, module.in_features, module.kernel.dtype
     else:
         weight = _linear_weight(module)
         (out_features, in_features), dtype = weight.shape, weight.dtype
+    dense_columns = int(_region_columns(in_features, ranges).sum())
+    sparse_columns = in_features - dense_columns
 
     def produce() -> list[torch.Tensor]:
         if isinstance(module, SparseLinear):
-            compressed, bitmask = module.packed()
+            (compressed, bitmask), dense = module.packed(), module.dense_weight
         else:
-            compressed, bitmask = pack_24(_linear_weight(module), f"{name}.weight")
-        shape = torch.tensor([[out_features], [in_features]], dtype=torch.int64)
-        return [compressed, bitmask, shape]
+            sparse, dense = _split_regions(_linear_weight(module), ranges)
+            compressed, bitmask = pack_24(sparse, f"{name}.weight")
+        shape = torch.tensor([[out_features], [sparse_columns]], dtype=torch.int64)
+        return [compressed, bitmask, shape] + ([dense.to(dtype) + 0.0] if ranges else [])
 
-    keys = [(f"{name}.compressed", dtype, (out_features, in_features // 2)),
-            (f"{name}.bitmask", torch.uint8, (out_features, bitmask_columns(in_features))),
+    keys = [(f"{name}.compressed", dtype, (out_features, sparse_columns // 2)),
+            (f"{name}.bitmask", torch.uint8, (out_features, bitmask_columns(sparse_columns))),
             (f"{name}.shape", torch.int64, (2, 1))]
+    if ranges:
+        keys.append((f"{name}.{HYBRID_SUFFIX}", dtype, (out_features, dense_columns)))
     return _Section(keys, produce)
 
 
-def write_packed(model: nn.Module, directory: str | os.PathLike, targets: set[str] | None = None) -> list[str]:
+def write_packed(model: nn.Module, directory: str | os.PathLike, targets: set[str] | None = None,
+                 hybrid: dict[str, Ranges] | None = None) -> list[str]:
     """Write ``model`` into the existing ``directory``: ``model.safetensors``, ``config.json``, generation config.
 
     Every 2:4 linear (and each module named in ``targets``, which must be 2:4) is packed; the rest
-    is stored dense. Returns the packed module names. With none packed, the result is a plain dense
-    transformers checkpoint (no ``quantization_config``).
+    is stored dense. ``hybrid`` names the modules of a sparse-dense split with their dense column
+    ranges (``SparseLinear`` modules bring their own). Returns the packed module names. With none
+    packed, the result is a plain dense transformers checkpoint (no ``quantization_config``).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise LLMPruneError(f"{directory} is not a directory")
     modules = dict(model.named_modules())
-    packed = choose_packed(model, targets)
+    hybrid = {name: tuple(tuple(r) for r in ranges) for name, ranges in (hybrid or {}).items() if ranges}
+    packed = choose_packed(model, targets, hybrid)
+    layouts = {name: _module_ranges(modules[name], hybrid, name) for name in packed}
+    layouts = {name: ranges for name, ranges in layouts.items() if ranges}
     packed_set = set(packed)
     entries = _state_tensors(model)
     aliases = _aliases(entries)
@@ -348,7 +390,7 @@ def write_packed(model: nn.Module, directory: str | os.PathLike, targets: set[st
             continue
         module_name, _, leaf = key.rpartition(".")
         if module_name in packed_set and leaf == "weight":
-            sections.append(_packed_section(module_name, modules[module_name]))
+            sections.append(_packed_section(module_name, modules[module_name], layouts.get(module_name, ())))
         elif tensor is not None:
             if tensor.is_meta:
                 raise LLMPruneError(f"{key} is on the meta device (never loaded); cannot save it")
@@ -365,8 +407,8 @@ def write_packed(model: nn.Module, directory: str | os.PathLike, targets: set[st
     if packed:
         classes = sorted({_class_name(modules[name]) for name in packed})
         ignore = sorted(name for name, module in modules.items()
-                        if name not in packed_set and isinstance(module, (nn.Linear, Conv1D, SparseLinear))
-                        and _class_name(module) in classes)
+                        if (name not in packed_set or name in layouts)
+                        and isinstance(module, (nn.Linear, Conv1D, SparseLinear)) and _class_name(module) in classes)
         config.quantization_config = {
             "quant_method": "compressed-tensors",
             "sparsity_config": {
@@ -378,7 +420,10 @@ def write_packed(model: nn.Module, directory: str | os.PathLike, targets: set[st
                 "registry_requires_subclass": False,
             },
         }
-        setattr(config, PACKING_KEY, {"version": 1, "packed": packed, "tied": aliases})
+        packing = {"version": 1, "packed": packed, "tied": aliases}
+        if layouts:
+            packing["hybrid"] = {name: [list(r) for r in ranges] for name, ranges in layouts.items()}
+        setattr(config, PACKING_KEY, packing)
     config.save_pretrained(directory)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
@@ -404,6 +449,16 @@ def is_packed_checkpoint(directory: str | os.PathLike) -> bool:
     quant = raw.get("quantization_config") or {}
     return (isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors"
             and (quant.get("sparsity_config") or {}).get("format") == SPARSE_FORMAT)
+
+
+def _read_hybrid(packing: dict, directory: Path) -> dict[str, Ranges]:
+    """``llmprune_packing.hybrid``: module name → dense column ranges, checked for shape."""
+    raw = packing.get("hybrid") or {}
+    try:
+        return {str(name): tuple((int(a), int(b)) for a, b in ranges) for name, ranges in raw.items() if ranges}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise LLMPruneError(f"{directory / CONFIG_NAME}: {PACKING_KEY}.hybrid is corrupt ({exc}); it must map "
+                            f"module names to [[start, end], ...]") from exc
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -472,21 +527,32 @@ def read_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     # --- plan and check everything against the headers before reading any tensor data
     packed = set(packing.get("packed", []))
     packed |= {key.rpartition(".")[0] for key in layout if key.rpartition(".")[2] in PACKED_SUFFIXES}
-    for name in sorted(packed):
+    hybrid = _read_hybrid(packing, directory)
+    for name in sorted(packed | set(hybrid)):
         module = modules.get(name)
-        if not isinstance(module, (nn.Linear, Conv1D)):
+        if not isinstance(module, (nn.Linear, Conv1D)) or name not in packed:
             what = "has no such module" if module is None else f"has a {type(module).__name__} there"
             raise LLMPruneError(f"{directory}: tensors {name}.compressed/.bitmask/.shape describe a packed linear "
-                                f"but the model built from config.json {what}")
+                                f"but the model built from config.json {what}" if name in packed else
+                                f"{directory}: config.json lists {name} as a hybrid layer but it is not packed")
         out_features, in_features = _linear_shape(module)
-        expect = {"compressed": (None, (out_features, in_features // 2)),
-                  "bitmask": ("U8", (out_features, bitmask_columns(in_features))),
+        ranges = hybrid.get(name, ())
+        for start, end in ranges:
+            if not (0 <= start < end <= in_features and start % 4 == 0 and (end % 4 == 0 or end == in_features)):
+                raise LLMPruneError(f"{directory}: hybrid layer {name} has dense range {start}:{end}, not whole groups "
+                                    f"of 4 inside its {in_features} inputs")
+        dense_columns = int(_region_columns(in_features, ranges).sum())
+        sparse_columns = in_features - dense_columns
+        expect = {"compressed": (None, (out_features, sparse_columns // 2)),
+                  "bitmask": ("U8", (out_features, bitmask_columns(sparse_columns))),
                   "shape": ("I64", None)}
+        if ranges:
+            expect[HYBRID_SUFFIX] = (None, (out_features, dense_columns))
         for suffix, (want_dtype, want_shape) in expect.items():
             key = f"{name}.{suffix}"
             if key not in layout:
                 raise LLMPruneError(f"{key} is missing from {directory}: packed 2:4 module {name} needs "
-                                    f".compressed, .bitmask and .shape")
+                                    f".compressed, .bitmask and .shape{' (and .dense, being hybrid)' if ranges else ''}")
             info = layout[key]
             if suffix == "shape" and (info.dtype != "I64" or math.prod(info.shape) != 2):
                 raise LLMPruneError(f"{key} must be int64 with 2 elements (out, in); it is {info.dtype} {list(info.shape)}")
@@ -494,7 +560,8 @@ def read_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
                 raise LLMPruneError(f"{key} is {info.dtype}; the format stores it as {want_dtype}")
             if want_shape and info.shape != want_shape:
                 raise LLMPruneError(f"{key} has shape {list(info.shape)}, but config.json makes {name} "
-                                    f"[out, in] = [{out_features}, {in_features}], which needs {list(want_shape)}")
+                                    f"[out, in] = [{out_features}, {in_features}]"
+                                    f"{f' with {dense_columns} dense columns' if ranges else ''}, which needs {list(want_shape)}")
         if in_features % 4:
             raise LLMPruneError(f"{name} has in_features {in_features}, not divisible by 4, yet is stored packed")
 
@@ -504,6 +571,7 @@ def read_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     dense: list[tuple[str, nn.Module, str]] = []  # (key, owning module, attribute)
     aliases: list[tuple[str, str, nn.Module, str]] = []
     consumed = {f"{name}.{suffix}" for name in packed for suffix in PACKED_SUFFIXES}
+    consumed |= {f"{name}.{HYBRID_SUFFIX}" for name in hybrid}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         names = [n for n, p in module._parameters.items() if p is not None]
@@ -566,15 +634,19 @@ def read_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     fallbacks: dict[str, str] = {}
     for name in sorted(packed):
         module = modules[name]
-        expected = _linear_shape(module)
+        ranges = hybrid.get(name, ())
+        out_features, in_features = _linear_shape(module)
+        expected = (out_features, in_features - int(_region_columns(in_features, ranges).sum()))
         stored = dense_shape(fetch(f"{name}.shape"), name)
         if stored != expected:
-            raise LLMPruneError(f"{name}.shape says (out, in) = {stored}, but config.json makes {name} {expected}")
+            raise LLMPruneError(f"{name}.shape says (out, in) = {stored}, but config.json makes {name}'s "
+                                f"{'2:4 part' if ranges else 'weight'} {expected}")
         compressed = cast(fetch(f"{name}.compressed"))
         bitmask = fetch(f"{name}.bitmask").to(device)
         bias = module._parameters.get("bias")
+        dense = cast(fetch(f"{name}.{HYBRID_SUFFIX}")) if ranges else None
         sparse = SparseLinear.from_packed(compressed, bitmask, stored, bias=bias, backend=backend, name=name,
-                                          transposed=isinstance(module, Conv1D))
+                                          transposed=isinstance(module, Conv1D), dense=dense, dense_ranges=ranges)
         del compressed, bitmask
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)

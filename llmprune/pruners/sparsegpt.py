@@ -27,6 +27,12 @@ Masks are chosen from the OBS score w²/d², using weights already updated by ea
     inputs at blocksize 16-32, and stories260K perplexity 167.1 vs 168.7 (50%), 404 vs 423 (70%).
 Ties are broken as everywhere in llmprune: the lower input index is pruned first (stable sort).
 
+Hybrid split (an ``NM`` with ``dense`` ranges): the columns are reordered so the dense ones come
+last, with H permuted to match. The N:M columns are pruned first and the OBS updates carry their
+error into every column not yet processed, the whole dense region included: the dense weights are
+never pruned but they absorb the compensation, which is what makes the split stronger than
+pruning 2:4 and then restoring some columns.
+
 H is damped first: inputs that were always 0 (diag H = 0) get diag 1 and their weights are
 zeroed (free to prune); then λ = percdamp·mean(diag H) is added to the diagonal, ×10 per retry
 while the Cholesky factorisation fails (never silently the identity). The factor U depends only
@@ -62,7 +68,7 @@ class _Factor:
     dead: torch.Tensor  # bool [in]: inputs that were always exactly zero (diag H == 0)
     damping: float  # λ as a fraction of mean diag(H)
     retries: int  # how many times the damping was raised ×10
-    source: tuple  # (tokens seen, Hessian version, device, dtype) the factor was computed from
+    source: tuple  # (tokens seen, Hessian version, device, dtype, column order) it was computed from
 
 
 @contextlib.contextmanager
@@ -92,7 +98,7 @@ class SparseGPT:
         self.blocksize = blocksize
         self.percdamp = float(percdamp)
         self.hessian_dtype = float_dtype(hessian_dtype, "SparseGPT hessian_dtype")
-        self._factors: weakref.WeakKeyDictionary[InputStats, _Factor] = weakref.WeakKeyDictionary()
+        self._factors: weakref.WeakKeyDictionary[InputStats, dict[tuple, _Factor]] = weakref.WeakKeyDictionary()
 
     def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
         """Prune ``weight`` ``[out, in]`` to ``pattern``; returned (a new tensor) in the dtype it came in,
@@ -106,7 +112,13 @@ class SparseGPT:
         if isinstance(pattern, NM) and self.blocksize % pattern.m:
             raise LLMPruneError(f"SparseGPT blocksize {self.blocksize} must be a multiple of M={pattern.m} for pattern "
                                 f"{pattern}; use --blocksize {max(pattern.m, self.blocksize // pattern.m * pattern.m)}")
-        factor, reused = self._factor(stats, weight.device)
+        order, sparse_width = None, columns
+        if isinstance(pattern, NM) and pattern.dense:
+            dense = pattern.dense_columns(columns, weight.device)
+            order = torch.cat([(~dense).nonzero().flatten(), dense.nonzero().flatten()])
+            sparse_width = int((~dense).sum())
+            weight, pattern = weight[:, order], NM(pattern.n, pattern.m)
+        factor, reused = self._factor(stats, weight.device, order)
         hinv = factor.hinv
         work = weight.to(torch.promote_types(weight.dtype, hinv.dtype), copy=True)
         hinv = hinv.to(work.dtype)
@@ -127,7 +139,7 @@ class SparseGPT:
                 budget -= (~keep).sum(-1, keepdim=True)
             with _one_thread():
                 for j in range(end - start):
-                    if isinstance(pattern, NM) and j % pattern.m == 0:
+                    if isinstance(pattern, NM) and j % pattern.m == 0 and start + j < sparse_width:
                         group = slice(j, j + pattern.m)
                         keep[:, group] = pattern.keep_mask(block[:, group].square() / d[group].square())
                     w = block[:, j]
@@ -141,20 +153,26 @@ class SparseGPT:
             work[:, end:] -= errors @ hinv[start:end, end:]
         info = {"damping": float(f"{factor.damping:.3g}"), "damp_retries": factor.retries,
                 "obs_loss": float(f"{float(loss):.6g}"), "dead_inputs": int(factor.dead.sum()), "factor_reused": reused}
+        if order is not None:
+            work = torch.empty_like(work).index_copy_(1, order, work)
         return Pruned(work.to(weight.dtype) + 0.0, info)  # + 0.0 turns any −0.0 into +0.0
 
-    def _factor(self, stats: InputStats, device: torch.device) -> tuple[_Factor, bool]:
-        """The cached factor for ``stats`` if it is still current, else a new one."""
-        source = (stats.count, stats.hessian._version, torch.device(device), self.hessian_dtype)
-        cached = self._factors.get(stats)
-        if cached is not None and cached.source == source:
-            return cached, True
-        self._factors[stats] = factor = self._factorise(stats.hessian, source)
+    def _factor(self, stats: InputStats, device: torch.device, order: torch.Tensor | None) -> tuple[_Factor, bool]:
+        """The cached factor for ``stats`` and column ``order`` if it is still current, else a new one."""
+        key = None if order is None else tuple(order.tolist())
+        source = (stats.count, stats.hessian._version, torch.device(device), self.hessian_dtype, key)
+        cached = self._factors.get(stats, {})
+        if source in cached:
+            return cached[source], True
+        factor = self._factorise(stats.hessian, source, order)
+        self._factors[stats] = {**{s: f for s, f in cached.items() if s[:4] == source[:4]}, source: factor}
         return factor, False
 
-    def _factorise(self, hessian: torch.Tensor, source: tuple) -> _Factor:
-        """Upper Cholesky factor of (H + λI)⁻¹, raising λ ×10 when H is not positive definite."""
+    def _factorise(self, hessian: torch.Tensor, source: tuple, order: torch.Tensor | None) -> _Factor:
+        """Upper Cholesky factor of (H + λI)⁻¹ (columns in ``order``), raising λ ×10 when H is not positive definite."""
         h = hessian.to(device=source[2], dtype=self.hessian_dtype, copy=True)  # never touch the shared stats
+        if order is not None:
+            h = h[order][:, order]
         if not torch.isfinite(h).all():
             raise LLMPruneError("the Hessian of a layer's inputs holds NaN or Inf; the activations overflow "
                                 "(load the model with --dtype float32)")

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Prune a causal LM one decoder layer at a time on calibration text and save the result.")
     prune.add_argument("model", help="local HF directory, .gguf file or directory, or a Hub id")
     prune.add_argument("--method", default="wanda", help=f"one of: {', '.join(sorted(PRUNERS))} (default wanda)")
-    prune.add_argument("--pattern", default=None, help="'unstructured' (default) or N:M such as 2:4 or 4:8 (N kept of every M)")
+    prune.add_argument("--pattern", default=None, help="'unstructured' (default), N:M such as 2:4 or 4:8 (N kept of every M), "
+                                                        "or hybrid:2:4 (2:4 with a dense region, see --dense-fraction)")
     prune.add_argument("--sparsity", type=float, default=None, help="fraction pruned per row for unstructured, in [0, 1) (default 0.5)")
     prune.add_argument("--calib", default="wikitext2", help="wikitext2, c4, or a local .txt/.json/.jsonl/.parquet file")
     prune.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -82,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-layer sparsity: uniform (default) or OWL outlier-weighted (unstructured only)")
     prune.add_argument("--owl-lambda", dest="owl_lambda", type=float, default=0.08, help="OWL: sparsity spread ±λ (default 0.08)")
     prune.add_argument("--owl-m", dest="owl_m", type=float, default=5.0, help="OWL: outlier threshold, M × the layer's mean score (default 5)")
+    prune.add_argument("--dense-fraction", dest="dense_fraction", type=float, default=None,
+                       help="hybrid: fraction of each linear's input columns kept dense, in [0, 1) (default 0.25); "
+                            "sparsity is (1 - F) / 2")
+    prune.add_argument("--hybrid-select", dest="hybrid_select", default="error", choices=["error", "saliency"],
+                       help="hybrid: choose dense blocks greedily by measured reconstruction error (default) or by "
+                            "per-block saliency")
+    prune.add_argument("--hybrid-budget", dest="hybrid_budget", default="uniform", choices=["uniform", "global"],
+                       help="hybrid: the same fraction in every linear (default), or one model-wide budget spent "
+                            "where it lowers the error most (a dense pre-pass)")
+    prune.add_argument("--hybrid-block", dest="hybrid_block", type=int, default=64,
+                       help="hybrid: width of a dense block in input columns (default 64, the 2:4 kernels' granularity)")
     prune.add_argument("--out", required=True, help="output directory (written atomically)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     _add_common(prune)
@@ -148,18 +160,20 @@ def cmd_prune(args: argparse.Namespace) -> None:
     make_pruner(args.method, **options)
     if args.refine:
         make_refiner(args.refine, **refine_options)
-    check_allocation(args.allocation, parse_pattern(args.pattern, args.sparsity))
+    check_allocation(args.allocation, parse_pattern(args.pattern, args.sparsity, args.dense_fraction, args.hybrid_block))
     check_output_dir(args.out, args.overwrite)
     model, tokenizer = models.load(args.model, args.dtype)
     prune(model, method=args.method, pattern=args.pattern, sparsity=args.sparsity, calib=args.calib,
           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
           batch_size=args.batch_size, tokenizer=tokenizer, progress=not args.quiet, refine=args.refine,
           refine_options=refine_options, allocation=args.allocation, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
-          **options)
+          dense_fraction=args.dense_fraction, hybrid_select=args.hybrid_select, hybrid_budget=args.hybrid_budget,
+          hybrid_block=args.hybrid_block, **options)
     summary = model.llmprune_report["summary"]
     save(model.to("cpu"), args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    dense = f" ({summary['dense_fraction']:.3f} of them in dense regions)" if summary["dense_fraction"] else ""
     print(f"pruned {args.model} with {args.method} {model.llmprune_report['recipe']['pattern']}: "
-          f"sparsity {summary['sparsity']:.4f} of {summary['prunable_params']:,} prunable weights "
+          f"sparsity {summary['sparsity']:.4f} of {summary['prunable_params']:,} prunable weights{dense} "
           f"in {summary['seconds']:.1f} s; saved to {args.out}")
 
 

@@ -43,6 +43,16 @@ def test_prune_info_eval(capsys, tiny_checkpoint, calib_file, tmp_path) -> None:
     assert json.loads((tmp_path / "ppl.json").read_text())["windows"][:2] == [0, 2]
 
 
+def test_prune_hybrid_then_info(capsys, tiny_checkpoint, calib_file, tmp_path) -> None:
+    out = tmp_path / "hybrid"
+    code, stdout, _ = run_cli(capsys, *prune_args(tiny_checkpoint, calib_file, out, "--pattern", "hybrid:2:4",
+                                                  "--dense-fraction", "0.25", "--hybrid-block", "8",
+                                                  "--hybrid-budget", "global", "--hybrid-select", "saliency"))
+    assert code == 0 and "sparsity 0.3750" in stdout and "0.250 of them in dense regions" in stdout
+    code, stdout, _ = run_cli(capsys, "info", out)
+    assert code == 0 and "wanda hybrid:2:4" in stdout
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--method", "obs"], "unknown method 'obs'"),
     (["--pattern", "2-4"], "unknown pattern '2-4'"),
@@ -51,6 +61,9 @@ def test_prune_info_eval(capsys, tiny_checkpoint, calib_file, tmp_path) -> None:
     (["--method", "wanda", "--blocksize", "64"], "takes no option"),
     (["--allocation", "owl", "--pattern", "2:4"], "OWL allocates unstructured sparsity"),
     (["--dsnot-cycles", "5"], "--dsnot-\\* options need --refine dsnot"),
+    (["--pattern", "hybrid:2:4", "--dense-fraction", "1.5"], r"dense-fraction must be in \[0, 1\)"),
+    (["--pattern", "2:4", "--dense-fraction", "0.25"], "hybrid pattern only"),
+    (["--pattern", "hybrid:2:4", "--hybrid-block", "6"], "multiple of M=4"),
     (["--refine", "dsnot", "--dsnot-cycles", "-1"], "cycles"),
     (["--nsamples", "64", "--seqlen", "60"], "has [0-9]+ tokens; windows of seqlen=60"),
     (["--seqlen", "4096"], "exceeds the model's max_position_embeddings 64"),

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "where it lowers the error most (a dense pre-pass)")
     prune.add_argument("--hybrid-block", dest="hybrid_block", type=int, default=64,
                        help="hybrid: width of a dense block in input columns (default 64, the 2:4 kernels' granularity)")
+    prune.add_argument("--format", dest="storage", default="auto", choices=["auto", "bitmask"],
+                       help="auto (default): 2:4 and hybrid packed, other patterns dense safetensors; bitmask: other "
+                            "patterns in the legacy compressed-tensors sparse-bitmask layout (smaller files, loads dense)")
     prune.add_argument("--out", required=True, help="output directory (written atomically)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     _add_common(prune)
@@ -145,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_prune(args: argparse.Namespace) -> None:
     from . import models
     from .formats import save
-    from .formats.checkpoint import check_output_dir
+    from .formats.checkpoint import check_output_dir, check_storage
     from .patterns import parse_pattern
     from .pipeline import prune
     from .allocation import check_allocation
@@ -160,7 +163,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
     make_pruner(args.method, **options)
     if args.refine:
         make_refiner(args.refine, **refine_options)
-    check_allocation(args.allocation, parse_pattern(args.pattern, args.sparsity, args.dense_fraction, args.hybrid_block))
+    pattern = parse_pattern(args.pattern, args.sparsity, args.dense_fraction, args.hybrid_block)
+    check_allocation(args.allocation, pattern)
+    check_storage(args.storage, str(pattern))
     check_output_dir(args.out, args.overwrite)
     model, tokenizer = models.load(args.model, args.dtype)
     prune(model, method=args.method, pattern=args.pattern, sparsity=args.sparsity, calib=args.calib,
@@ -170,7 +175,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
           dense_fraction=args.dense_fraction, hybrid_select=args.hybrid_select, hybrid_budget=args.hybrid_budget,
           hybrid_block=args.hybrid_block, **options)
     summary = model.llmprune_report["summary"]
-    save(model.to("cpu"), args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    save(model.to("cpu"), args.out, tokenizer=tokenizer, overwrite=args.overwrite, storage=args.storage)
     dense = f" ({summary['dense_fraction']:.3f} of them in dense regions)" if summary["dense_fraction"] else ""
     print(f"pruned {args.model} with {args.method} {model.llmprune_report['recipe']['pattern']}: "
           f"sparsity {summary['sparsity']:.4f} of {summary['prunable_params']:,} prunable weights{dense} "
@@ -204,23 +209,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(result_record(args.model, ppl_result, task_result), indent=1))
 
 
-def linear_sizes(directory: Path, names: list[str]) -> dict[str, tuple[int, int]]:
-    """(bytes on disk, bytes if stored dense) per linear, from the safetensors headers alone."""
+def linear_sizes(directory: Path, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
+    """(bytes on disk, bytes if stored dense) per linear (``shapes``: name → [out, in]), from the
+    safetensors headers alone; works for dense, packed 2:4, hybrid and sparse-bitmask storage."""
     from .formats.packed import _ST_SIZES, read_layout
 
     layout = read_layout(directory)
     sizes = {}
-    for name in names:
+    for name, (out_features, in_features) in shapes.items():
         keys = {k.removeprefix(name + "."): info for k, info in layout.items() if k.startswith(name + ".")}
-        disk = sum(info.end - info.start for info in keys.values())
         values = keys.get("weight") or keys.get("compressed")
-        dense = disk if "weight" in keys else sum(info.end - info.start for k, info in keys.items() if k == "bias")
-        if "compressed" in keys:
-            rows, half = values.shape
-            dense += rows * half * 2 * _ST_SIZES[values.dtype]
-        if "dense" in keys:  # the dense region of a hybrid split
-            dense += keys["dense"].end - keys["dense"].start
-        sizes[name] = (disk, dense)
+        bias = keys.get("bias")
+        dense = out_features * in_features * _ST_SIZES[values.dtype] + (bias.end - bias.start if bias else 0)
+        sizes[name] = (sum(info.end - info.start for info in keys.values()), dense)
     return sizes
 
 
@@ -236,7 +237,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     phases = ", ".join(f"{k} {v} s" for k, v in summary.get("phase_seconds", {}).items())
     print(f"sparsity {summary['sparsity']:.4f} over {summary['prunable_params']:,} prunable weights, "
           f"pruned in {summary['seconds']} s ({phases})")
-    sizes = linear_sizes(directory, [layer["name"] for layer in report["layers"]])
+    sizes = linear_sizes(directory, {layer["name"]: layer["shape"] for layer in report["layers"]})
     files = sorted(directory.glob("*.safetensors"))
     on_disk = sum(f.stat().st_size for f in files)
     dense_total = on_disk + sum(dense - disk for disk, dense in sizes.values())

@@ -53,6 +53,18 @@ def test_prune_hybrid_then_info(capsys, tiny_checkpoint, calib_file, tmp_path) -
     assert code == 0 and "wanda hybrid:2:4" in stdout
 
 
+def test_prune_bitmask_then_info_and_eval(capsys, tiny_checkpoint, calib_file, tmp_path) -> None:
+    out = tmp_path / "bitmask"
+    code, stdout, _ = run_cli(capsys, *prune_args(tiny_checkpoint, calib_file, out, "--sparsity", "0.7", "--format", "bitmask"))
+    assert code == 0 and "unstructured:0.7" in stdout
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]["format"] == "sparse-bitmask"
+    code, stdout, _ = run_cli(capsys, "info", out)
+    line = next(line for line in stdout.splitlines() if line.startswith("model.layers.0.mlp.down_proj"))
+    assert code == 0 and 0.3 < float(line.split()[-1]) < 0.4  # 30% kept + bitmask + offsets, fp32
+    code, stdout, _ = run_cli(capsys, "eval", out, "--ppl", calib_file, "--seqlen", "32", "--quiet", "--device", "cpu")
+    assert code == 0 and "at seqlen 32" in stdout
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--method", "obs"], "unknown method 'obs'"),
     (["--pattern", "2-4"], "unknown pattern '2-4'"),
@@ -64,6 +76,7 @@ def test_prune_hybrid_then_info(capsys, tiny_checkpoint, calib_file, tmp_path) -
     (["--pattern", "hybrid:2:4", "--dense-fraction", "1.5"], r"dense-fraction must be in \[0, 1\)"),
     (["--pattern", "2:4", "--dense-fraction", "0.25"], "hybrid pattern only"),
     (["--pattern", "hybrid:2:4", "--hybrid-block", "6"], "multiple of M=4"),
+    (["--pattern", "2:4", "--format", "bitmask"], "saved packed 2:4"),
     (["--refine", "dsnot", "--dsnot-cycles", "-1"], "cycles"),
     (["--nsamples", "64", "--seqlen", "60"], "has [0-9]+ tokens; windows of seqlen=60"),
     (["--seqlen", "4096"], "exceeds the model's max_position_embeddings 64"),

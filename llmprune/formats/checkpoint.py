@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import LLMPruneError
 from ..resources import read_json
-from .packed import write_packed
+from .packed import BITMASK_FORMAT, SPARSE_FORMAT, write_packed
 
 REPORT_FILE = "llmprune.json"
 
@@ -55,22 +55,44 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise
 
 
-def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+STORAGE = ("auto", "bitmask")
+PACKED_PATTERNS = ("2:4", "hybrid:2:4")
+
+
+def check_storage(storage: str, pattern: str | None) -> None:
+    """Refuse an unknown storage format, or bitmask storage for a pattern that is saved packed 2:4."""
+    if storage not in STORAGE:
+        raise LLMPruneError(f"unknown --format {storage!r}; use one of {', '.join(STORAGE)}")
+    if storage == "bitmask" and pattern in PACKED_PATTERNS:
+        raise LLMPruneError(f"a {pattern} model is saved packed 2:4 (as compact, and it runs on the 2:4 kernels); "
+                            f"--format bitmask is for unstructured and other N:M patterns")
+
+
+def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False, storage: str = "auto") -> Path:
     """Write ``model`` (2:4 linears packed, the rest dense safetensors), its tokenizer and ``llmprune.json`` to ``out`` atomically.
 
     A run pruned with pattern 2:4 declares its pruned linears as packing targets, so a weight that
     is not 2:4 fails loudly instead of being stored dense; other 2:4 linears are packed when found.
     A hybrid:2:4 run declares each linear's dense columns (from the report) the same way.
+    ``storage="bitmask"`` stores the pruned linears of any other pattern in the legacy unstructured
+    ``sparse-bitmask`` layout (values + bitmask + row offsets) instead of dense.
     """
     tokenizer = tokenizer or getattr(model, "llmprune_tokenizer", None)
     report = getattr(model, "llmprune_report", None)
     targets, hybrid = None, None
     pattern = (report or {}).get("recipe", {}).get("pattern")
-    if pattern in ("2:4", "hybrid:2:4"):
+    check_storage(storage, pattern)
+    if pattern in PACKED_PATTERNS:
         targets = {layer["name"] for layer in report.get("layers", [])}
         hybrid = {layer["name"]: layer.get("dense_columns") or () for layer in report.get("layers", [])}
+    elif storage == "bitmask":
+        if report is None:
+            raise LLMPruneError("--format bitmask stores the linears a pruning run reports; this model has no "
+                                "llmprune_report (prune it with llmprune first)")
+        targets = {layer["name"] for layer in report.get("layers", [])}
     with atomic_output_dir(out, overwrite) as tmp:
-        write_packed(model, tmp, targets=targets, hybrid=hybrid)
+        write_packed(model, tmp, targets=targets, hybrid=hybrid,
+                     storage=BITMASK_FORMAT if storage == "bitmask" else SPARSE_FORMAT)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:

@@ -27,6 +27,11 @@ listed in the sparsity config's ``ignore``, and only llmprune reads it. A tensor
 shared by several keys (``lm_head`` tied to the embeddings) is stored once, under the first key in
 ``state_dict`` order, and is never packed. The file is streamed: its header is computed from shapes,
 then each tensor is packed and written in turn, so writing needs one layer of extra memory.
+``write_packed(..., storage="sparse-bitmask")`` writes the legacy unstructured layout instead, for
+the storage savings of any sparsity: each target linear ``P`` as ``P.compressed`` (1-d non-zeros,
+row-major), ``P.bitmask`` (1 = non-zero), ``P.shape`` (int64 ``[2]``) and ``P.row_offsets`` (int64
+``[out]``), with ``format: "sparse-bitmask"``. Such modules load back as ordinary dense linears.
+
 Reading builds the model on the meta device, loads tensor by tensor and replaces each packed linear
 with a ``SparseLinear``, so it never holds more than the checkpoint plus one layer beyond the result.
 """
@@ -49,15 +54,18 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import LLMPruneError
 from ..resources import read_json
 from ..sparse_linear import BACKENDS, SparseLinear
-from .sparse24 import bitmask_columns, dense_shape, is_24, pack_24, stored_positions
+from .sparse24 import bitmask_columns, dense_shape, is_24, pack_24, pack_bitmask, stored_positions, unpack_bitmask
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 SPARSE_FORMAT = "sparse-24-bitmask"
+BITMASK_FORMAT = "sparse-bitmask"
+FORMATS = (SPARSE_FORMAT, BITMASK_FORMAT)
 PACKING_KEY = "llmprune_packing"
 PACKED_SUFFIXES = ("compressed", "bitmask", "shape")
 HYBRID_SUFFIX = "dense"
+BITMASK_SUFFIXES = ("compressed", "bitmask", "shape", "row_offsets")
 
 Ranges = tuple[tuple[int, int], ...]
 _MAX_HEADER = 100 * 1024 * 1024
@@ -364,21 +372,56 @@ def _packed_section(name: str, module: nn.Module, ranges: Ranges) -> _Section:
     return _Section(keys, produce)
 
 
+def _bitmask_section(name: str, module: nn.Module) -> _Section:
+    weight = _linear_weight(module)
+    (out_features, in_features), nonzeros = weight.shape, int((weight != 0).sum())
+
+    def produce() -> list[torch.Tensor]:
+        compressed, bitmask, offsets = pack_bitmask(_linear_weight(module), f"{name}.weight")
+        return [compressed, bitmask, torch.tensor([out_features, in_features], dtype=torch.int64), offsets]
+
+    keys = [(f"{name}.compressed", weight.dtype, (nonzeros,)),
+            (f"{name}.bitmask", torch.uint8, (out_features, bitmask_columns(in_features))),
+            (f"{name}.shape", torch.int64, (2,)),
+            (f"{name}.row_offsets", torch.int64, (out_features,))]
+    return _Section(keys, produce)
+
+
+def _choose_bitmask(model: nn.Module, targets: set[str] | None) -> list[str]:
+    """The linears stored as ``sparse-bitmask``: the ``targets``, each a plain untied linear."""
+    modules = dict(model.named_modules())
+    aliases = _aliases(_state_tensors(model))
+    tied = set(aliases) | set(aliases.values())
+    for name in sorted(targets or ()):
+        module = modules.get(name)
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            what = "not a module of this model" if module is None else f"a {type(module).__name__}"
+            raise LLMPruneError(f"sparse-bitmask target {name} is {what}; only nn.Linear/Conv1D weights are stored that way")
+        if f"{name}.weight" in tied:
+            raise LLMPruneError(f"sparse-bitmask target {name}.weight is tied to another tensor; it is stored dense")
+    return [name for name in modules if name in (targets or ())]
+
+
 def write_packed(model: nn.Module, directory: str | os.PathLike, targets: set[str] | None = None,
-                 hybrid: dict[str, Ranges] | None = None) -> list[str]:
+                 hybrid: dict[str, Ranges] | None = None, storage: str = SPARSE_FORMAT) -> list[str]:
     """Write ``model`` into the existing ``directory``: ``model.safetensors``, ``config.json``, generation config.
 
     Every 2:4 linear (and each module named in ``targets``, which must be 2:4) is packed; the rest
     is stored dense. ``hybrid`` names the modules of a sparse-dense split with their dense column
-    ranges (``SparseLinear`` modules bring their own). Returns the packed module names. With none
+    ranges (``SparseLinear`` modules bring their own). ``storage="sparse-bitmask"`` stores exactly the
+    ``targets`` in the unstructured bitmask layout instead. Returns the packed module names. With none
     packed, the result is a plain dense transformers checkpoint (no ``quantization_config``).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise LLMPruneError(f"{directory} is not a directory")
+    if storage not in FORMATS:
+        raise LLMPruneError(f"unknown sparse storage format {storage!r}; use one of {', '.join(FORMATS)}")
     modules = dict(model.named_modules())
     hybrid = {name: tuple(tuple(r) for r in ranges) for name, ranges in (hybrid or {}).items() if ranges}
-    packed = choose_packed(model, targets, hybrid)
+    if storage == BITMASK_FORMAT and hybrid:
+        raise LLMPruneError("hybrid layers are stored packed 2:4 + dense; sparse-bitmask storage is for the other patterns")
+    packed = _choose_bitmask(model, targets) if storage == BITMASK_FORMAT else choose_packed(model, targets, hybrid)
     layouts = {name: _module_ranges(modules[name], hybrid, name) for name in packed}
     layouts = {name: ranges for name, ranges in layouts.items() if ranges}
     packed_set = set(packed)
@@ -389,7 +432,9 @@ def write_packed(model: nn.Module, directory: str | os.PathLike, targets: set[st
         if key in aliases:
             continue
         module_name, _, leaf = key.rpartition(".")
-        if module_name in packed_set and leaf == "weight":
+        if module_name in packed_set and leaf == "weight" and storage == BITMASK_FORMAT:
+            sections.append(_bitmask_section(module_name, modules[module_name]))
+        elif module_name in packed_set and leaf == "weight":
             sections.append(_packed_section(module_name, modules[module_name], layouts.get(module_name, ())))
         elif tensor is not None:
             if tensor.is_meta:
@@ -412,8 +457,8 @@ def write_packed(model: nn.Module, directory: str | os.PathLike, targets: set[st
         config.quantization_config = {
             "quant_method": "compressed-tensors",
             "sparsity_config": {
-                "format": SPARSE_FORMAT,
-                "sparsity_structure": "2:4",
+                "format": storage,
+                "sparsity_structure": "2:4" if storage == SPARSE_FORMAT else "unstructured",
                 "targets": classes,
                 "ignore": ignore,
                 "global_sparsity": _global_sparsity(model),
@@ -438,7 +483,8 @@ def _read_config_json(directory: Path) -> dict:
 
 
 def is_packed_checkpoint(directory: str | os.PathLike) -> bool:
-    """True when ``directory``'s config.json declares compressed-tensors ``sparse-24-bitmask`` sparsity."""
+    """True when ``directory``'s config.json declares compressed-tensors ``sparse-24-bitmask`` or
+    ``sparse-bitmask`` sparsity."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         return False
@@ -448,7 +494,30 @@ def is_packed_checkpoint(directory: str | os.PathLike) -> bool:
         return False
     quant = raw.get("quantization_config") or {}
     return (isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors"
-            and (quant.get("sparsity_config") or {}).get("format") == SPARSE_FORMAT)
+            and (quant.get("sparsity_config") or {}).get("format") in FORMATS)
+
+
+def _plan_bitmask(names: set[str], modules: dict[str, nn.Module], layout: dict[str, TensorInfo], directory: Path) -> None:
+    """Check every ``sparse-bitmask`` module's tensors against the model built from config.json."""
+    for name in sorted(names):
+        module = modules.get(name)
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            what = "has no such module" if module is None else f"has a {type(module).__name__} there"
+            raise LLMPruneError(f"{directory}: tensors {name}.compressed/.bitmask/.row_offsets describe a "
+                                f"sparse-bitmask linear but the model built from config.json {what}")
+        out_features, in_features = _linear_shape(module)
+        expect = {"compressed": (None, None), "bitmask": ("U8", (out_features, bitmask_columns(in_features))),
+                  "shape": ("I64", None), "row_offsets": ("I64", (out_features,))}
+        for suffix, (want_dtype, want_shape) in expect.items():
+            key = f"{name}.{suffix}"
+            if key not in layout:
+                raise LLMPruneError(f"{key} is missing from {directory}: sparse-bitmask module {name} needs "
+                                    f".compressed, .bitmask, .shape and .row_offsets")
+            info = layout[key]
+            if (want_dtype and info.dtype != want_dtype) or (want_shape and info.shape != want_shape):
+                raise LLMPruneError(f"{key} is {info.dtype} {list(info.shape)}, but config.json makes {name} "
+                                    f"[out, in] = [{out_features}, {in_features}], which needs "
+                                    f"{want_dtype or 'float'} {list(want_shape) if want_shape else ''}".rstrip())
 
 
 def _read_hybrid(packing: dict, directory: Path) -> dict[str, Ranges]:
@@ -513,8 +582,8 @@ def read_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     target_dtype = _resolve_dtype(dtype)
     raw = _read_config_json(directory)
     if not is_packed_checkpoint(directory):
-        raise LLMPruneError(f"{directory} is not a packed 2:4 checkpoint (config.json declares no "
-                            f"compressed-tensors {SPARSE_FORMAT} sparsity); load it as a dense model")
+        raise LLMPruneError(f"{directory} is not a packed checkpoint (config.json declares no "
+                            f"compressed-tensors {' or '.join(FORMATS)} sparsity); load it as a dense model")
     quant = raw["quantization_config"]
     if quant.get("config_groups"):
         raise LLMPruneError(f"{directory} is quantized as well as 2:4 sparse (quantization_config.config_groups); "
@@ -523,10 +592,18 @@ def read_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     layout = read_layout(directory)
     model = _build_empty(directory, target_dtype)
     modules = dict(model.named_modules())
+    bitmasked = {key.rpartition(".")[0] for key in layout if key.endswith(".row_offsets")}
+    if quant["sparsity_config"]["format"] == BITMASK_FORMAT:
+        bitmasked |= set(packing.get("packed", []))
+        bitmasked |= {key.rpartition(".")[0] for key in layout if key.rpartition(".")[2] in BITMASK_SUFFIXES}
+        _plan_bitmask(bitmasked, modules, layout, directory)
+    elif bitmasked:
+        raise LLMPruneError(f"{directory} declares {SPARSE_FORMAT} but holds {sorted(bitmasked)[0]}.row_offsets "
+                            f"(a sparse-bitmask tensor); the checkpoint is inconsistent")
 
     # --- plan and check everything against the headers before reading any tensor data
-    packed = set(packing.get("packed", []))
-    packed |= {key.rpartition(".")[0] for key in layout if key.rpartition(".")[2] in PACKED_SUFFIXES}
+    packed = set(packing.get("packed", [])) - bitmasked
+    packed |= {key.rpartition(".")[0] for key in layout if key.rpartition(".")[2] in PACKED_SUFFIXES} - bitmasked
     hybrid = _read_hybrid(packing, directory)
     for name in sorted(packed | set(hybrid)):
         module = modules.get(name)
@@ -572,13 +649,14 @@ def read_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     aliases: list[tuple[str, str, nn.Module, str]] = []
     consumed = {f"{name}.{suffix}" for name in packed for suffix in PACKED_SUFFIXES}
     consumed |= {f"{name}.{HYBRID_SUFFIX}" for name in hybrid}
+    consumed |= {f"{name}.{suffix}" for name in bitmasked for suffix in BITMASK_SUFFIXES}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         names = [n for n, p in module._parameters.items() if p is not None]
         names += [n for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set]
         for attr in names:
             key = prefix + attr
-            if module_name in packed and attr == "weight":
+            if (module_name in packed or module_name in bitmasked) and attr == "weight":
                 continue
             if key in layout:
                 current = getattr(module, attr)
@@ -629,6 +707,16 @@ def read_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
             module._parameters[attr] = loaded[source]
         else:
             module._buffers[attr] = loaded[source]
+
+    for name in sorted(bitmasked):
+        module = modules[name]
+        weight = unpack_bitmask(*(fetch(f"{name}.{suffix}") for suffix in ("compressed", "bitmask", "shape", "row_offsets")),
+                                name=name)
+        if tuple(weight.shape) != _linear_shape(module):
+            raise LLMPruneError(f"{name}.shape says (out, in) = {tuple(weight.shape)}, but config.json makes {name} "
+                                f"{_linear_shape(module)}")
+        weight = cast(weight.T.contiguous() if isinstance(module, Conv1D) else weight)
+        module._parameters["weight"] = nn.Parameter(weight, requires_grad=True)
 
     backends: dict[str, str] = {}
     fallbacks: dict[str, str] = {}

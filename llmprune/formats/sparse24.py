@@ -188,3 +188,58 @@ def unpack_24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tens
     dense = torch.zeros(out_features, groups, GROUP, dtype=compressed.dtype, device=compressed.device)
     dense.scatter_(-1, columns, compressed.reshape(out_features, groups, KEEP))
     return dense.reshape(out_features, in_features)
+
+
+# ----------------------------------------------------------------------------- unstructured: sparse-bitmask
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """Bool ``[out, in]`` → uint8 ``[out, ceil(in/8)]``, bit k of byte b = column 8b + k (little-endian)."""
+    out_features, in_features = flags.shape
+    padded = F.pad(flags.to(torch.uint8), (0, -in_features % 8)).reshape(out_features, -1, 8)
+    weights = (1 << torch.arange(8, device=flags.device, dtype=torch.int32)).to(torch.uint8)
+    return (padded * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The inverse of ``pack_bits``: bool ``[out, in]``."""
+    shifts = torch.arange(8, device=bitmask.device, dtype=torch.uint8)
+    bits = (bitmask[..., None] >> shifts) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :in_features].bool()
+
+
+def pack_bitmask(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Any ``[out, in]`` weight → legacy compressed-tensors ``sparse-bitmask`` tensors:
+    (``compressed`` 1-d non-zeros in row-major order, ``bitmask`` uint8 ``[out, ceil(in/8)]`` with
+    1 = non-zero, ``row_offsets`` int64 ``[out]``: where each row starts in ``compressed``)."""
+    weight = weight.detach()
+    if weight.dim() != 2 or weight.dtype not in PACKABLE_DTYPES:
+        raise LLMPruneError(f"{name}: sparse-bitmask storage needs a 2-d float weight; got {weight.dtype} {tuple(weight.shape)}")
+    nonzero = weight != 0  # −0.0 counts as zero and is not stored
+    counts = nonzero.sum(-1)
+    return weight[nonzero], pack_bits(nonzero), torch.cumsum(counts, 0) - counts
+
+
+def unpack_bitmask(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tensor | Sequence[int],
+                   row_offsets: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """``sparse-bitmask`` tensors → dense ``[out, in]`` in ``compressed``'s dtype, after checking that
+    the bitmask, the value count and the row offsets agree (errors name ``name``)."""
+    out_features, in_features = dense_shape(shape, name)
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (out_features, bitmask_columns(in_features)):
+        raise LLMPruneError(f"{name}.bitmask is {bitmask.dtype} {tuple(bitmask.shape)}; expected torch.uint8 "
+                            f"({out_features}, {bitmask_columns(in_features)})")
+    if compressed.dim() != 1:
+        raise LLMPruneError(f"{name}.compressed must be 1-d (the non-zeros in row-major order); got {tuple(compressed.shape)}")
+    bitmask = bitmask.to(compressed.device)
+    if bitmask_columns(in_features) and bool((bitmask[:, -1] >> (in_features - 8 * (bitmask.shape[1] - 1))).any()):
+        raise LLMPruneError(f"{name}.bitmask is corrupt: bits are set past column {in_features}")
+    nonzero = unpack_bits(bitmask, in_features)
+    counts = nonzero.sum(-1)
+    if int(counts.sum()) != compressed.numel():
+        raise LLMPruneError(f"{name}.bitmask marks {int(counts.sum())} values but {name}.compressed holds "
+                            f"{compressed.numel()}; the tensors are corrupt or from different layers")
+    offsets = row_offsets.reshape(-1).to(device=compressed.device, dtype=torch.int64)
+    if offsets.numel() != out_features or not torch.equal(offsets, torch.cumsum(counts, 0) - counts):
+        raise LLMPruneError(f"{name}.row_offsets disagrees with the row counts of {name}.bitmask; the tensors are corrupt")
+    dense = torch.zeros(out_features, in_features, dtype=compressed.dtype, device=compressed.device)
+    dense[nonzero] = compressed
+    return dense

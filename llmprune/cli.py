@@ -52,6 +52,8 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.speed import GEMM_MS
+
     from .pruners import PRUNERS
 
     parser = argparse.ArgumentParser(prog="llmprune", description="Post-training pruning for LLMs.",
@@ -142,6 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="report directory (report.md, plots, comparison.json)")
     _add_common(compare)
     compare.set_defaults(batch_size=None)
+
+    bench = commands.add_parser("bench", help="speed of 2:4 sparse against dense: GEMMs on the model's shapes, and decode",
+                                description="(a) y = x·Wᵀ on each linear shape of the model for several M, dense F.linear "
+                                            "against each sparse backend; (b) prefill time and greedy decode tokens/s of "
+                                            "the dense and the sparse model on the same prompts. A packed checkpoint is "
+                                            "compared with itself on the dense backend; a dense model with a 2:4 "
+                                            "(magnitude) copy of itself.")
+    bench.add_argument("model", help="packed checkpoint directory, or a dense model (local dir, .gguf, Hub id)")
+    bench.add_argument("--backend", default="auto", choices=["auto", "dense", "semi-structured"],
+                       help="sparse backend of the sparse model (default auto: the CUDA 2:4 kernels where they apply)")
+    bench.add_argument("--ms", default=",".join(map(str, GEMM_MS)), help="GEMM rows M (batch × tokens), comma-separated")
+    bench.add_argument("--batch-sizes", default="1,8,32", help="decode batch sizes, comma-separated (default 1,8,32)")
+    bench.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    bench.add_argument("--new-tokens", type=int, default=128, help="generated tokens per sequence (default 128)")
+    bench.add_argument("--repeats", type=int, default=100, help="GEMM repeats per case (median; fewer past 2 s)")
+    bench.add_argument("--quick", action="store_true", help="small run for a smoke test: M 1,16, batch 1, 16+8 tokens")
+    bench.add_argument("--json", default=None, help="write the results here")
+    bench.add_argument("--plot", default=None, help="PNG of GEMM speedup against M (default: next to --json)")
+    _add_common(bench)
     return parser
 
 
@@ -252,6 +273,61 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{layer['name']:<{width}}  {shape:>11}  {layer['sparsity']:>8.4f}  {error:>9}  {disk / 1024:>8.1f}  {disk / dense:>8.3f}")
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise LLMPruneError(f"{what} must be positive integers separated by commas; got {text!r}")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import platform
+
+    import torch
+
+    from .eval.speed import QUICK_MS, byte_ceiling, decode_benchmark, decode_table, gemm_benchmark, gemm_table, \
+        plot_speedups, sparse_copy
+    from .formats.packed import is_packed_checkpoint
+    from .models import ModelAdapter, load_model
+    from .sparse_linear import SparseLinear
+    from .stream import resolve_device
+
+    ms = list(QUICK_MS) if args.quick else _int_list(args.ms, "--ms")
+    batch_sizes = [1] if args.quick else _int_list(args.batch_sizes, "--batch-sizes")
+    prompt_len, new_tokens, repeats = (16, 8, 10) if args.quick else (args.prompt_len, args.new_tokens, args.repeats)
+    device = resolve_device(args.device)
+    packed = Path(args.model).is_dir() and is_packed_checkpoint(args.model)
+    dense = load_model(args.model, device=device, dtype=args.dtype, backend="dense")
+    sparse = (load_model(args.model, device=device, dtype=args.dtype, backend=args.backend) if packed
+              else sparse_copy(dense, args.backend))
+    dtype = next(p.dtype for p in dense.parameters() if p.is_floating_point())
+    linears = ([m for m in sparse.modules() if isinstance(m, SparseLinear)] if packed
+               else ModelAdapter(dense).all_linears().values())
+    shapes = list(dict.fromkeys((linear.out_features, linear.in_features) for linear in linears))
+    backends = ["dense"] + [b for b in ("semi-structured",) if device.type == "cuda" and args.backend != "dense"]
+    ran = sorted({m.backend for m in sparse.modules() if hasattr(m, "backend")})
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
+          f"{torch.get_num_threads()} threads, {dtype}; byte ceiling {byte_ceiling(dtype):.2f}x; sparse model: "
+          f"{'packed checkpoint' if packed else '2:4 magnitude copy of the dense model'}, backends run: {', '.join(ran)}")
+    gemm = gemm_benchmark(shapes, tuple(ms), backends, dtype, device, repeats=repeats, progress=not args.quiet)
+    print(gemm_table(gemm))
+    decode = decode_benchmark({"dense": dense, "sparse": sparse}, batch_sizes, prompt_len, new_tokens, device,
+                              progress=not args.quiet)
+    print(decode_table(decode))
+    if args.json:
+        record = {"model": args.model, "device": str(device), "dtype": str(dtype), "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "sparse_backends_run": ran, "packed": packed,
+                  "gemm": gemm, "decode": decode}
+        Path(args.json).write_text(json.dumps(record, indent=1))
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if plot:
+        plot_speedups(gemm, plot)
+        print(f"plot: {plot}")
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from .eval.report import compare
 
@@ -273,7 +349,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info, "compare": cmd_compare,
-               "export": cmd_export}[args.command]
+               "export": cmd_export, "bench": cmd_bench}[args.command]
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,188 @@
+"""Speed of 2:4 sparse against dense: a GEMM microbenchmark on a model's real linear shapes, and
+end-to-end prefill and decode, dense and sparse, in one run.
+
+Timing: CUDA events on CUDA, ``perf_counter`` on CPU; warm-up first, then the median of many
+repeats, each on a fresh random input (a rotating pool, never zeros). The byte ceiling is what a
+memory-bound GEMV can gain at most: dense bytes over kept values plus their 2-bit position
+metadata (``itemsize / (itemsize/2 + 1/8)``: 16/9 ≈ 1.78 in fp16, 1.88 in fp32).
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models import ModelAdapter
+from ..patterns import NM
+from ..sparse_linear import SparseLinear
+
+GEMM_MS = (1, 16, 64, 256, 1024, 4096)
+QUICK_MS = (1, 16)
+
+
+def byte_ceiling(dtype: torch.dtype) -> float:
+    """Most a memory-bound 2:4 GEMV can gain over dense: dense bytes / (values + 2-bit metadata)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return itemsize / (itemsize / 2 + 1 / 8)
+
+
+def median_seconds(fn: Callable[[int], object], device: torch.device, repeats: int, warmup: int,
+                   budget_s: float = 2.0) -> float:
+    """Median time of ``fn(i)`` over up to ``repeats`` calls (fewer once ``budget_s`` is spent)."""
+    for i in range(warmup):
+        fn(i)
+    times: list[float] = []
+    spent = 0.0
+    for i in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            clock = time.perf_counter()
+            fn(i)
+            times.append(time.perf_counter() - clock)
+        spent += times[-1]
+        if spent > budget_s and len(times) >= 5:
+            break
+    return statistics.median(times)
+
+
+def random_24(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device,
+              generator: torch.Generator) -> torch.Tensor:
+    """A random weight pruned 2:4 by magnitude (values do not matter for speed; the pattern does)."""
+    weight = torch.randn(out_features, in_features, generator=generator)
+    weight = weight * NM(2, 4).keep_mask(weight.abs())
+    return weight.to(device=device, dtype=dtype)
+
+
+@torch.inference_mode()
+def gemm_benchmark(shapes: list[tuple[int, int]], ms: tuple[int, ...], backends: list[str], dtype: torch.dtype,
+                   device: torch.device, repeats: int = 100, warmup: int = 10, seed: int = 0,
+                   progress: bool = True) -> list[dict]:
+    """``y = x·Wᵀ`` for each ``[out, in]`` shape and each M (rows of x): dense ``F.linear`` against
+    ``SparseLinear`` with each backend. One row per (shape, M, backend) with medians and speedups."""
+    generator = torch.Generator().manual_seed(seed)
+    rows: list[dict] = []
+    ceiling = byte_ceiling(dtype)
+    bar = tqdm(total=len(shapes) * len(ms), desc="GEMM", unit="case", disable=not progress)
+    for out_features, in_features in shapes:
+        weight = random_24(out_features, in_features, dtype, device, generator)
+        dense = nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
+        dense.weight.data.copy_(weight)  # a module, so both sides pay the same call overhead
+        modules = {backend: SparseLinear(weight, backend=backend, name=f"{out_features}x{in_features}")
+                   for backend in backends}
+        for m in ms:
+            pool = [torch.randn(m, in_features, generator=generator).to(device=device, dtype=dtype) + 0.1
+                    for _ in range(4)]
+            dense_s = median_seconds(lambda i: dense(pool[i % 4]), device, repeats, warmup)
+            for backend, module in modules.items():
+                sparse_s = median_seconds(lambda i: module(pool[i % 4]), device, repeats, warmup)
+                rows.append({"out": out_features, "in": in_features, "m": m, "backend": backend,
+                             "ran": module.backend, "dense_us": round(dense_s * 1e6, 2),
+                             "sparse_us": round(sparse_s * 1e6, 2), "speedup": round(dense_s / sparse_s, 3),
+                             "ceiling": round(ceiling, 3)})
+            bar.update()
+    bar.close()
+    return rows
+
+
+def sparse_copy(model: nn.Module, backend: str) -> nn.Module:
+    """A copy of a dense model whose prunable linears are 2:4 (magnitude) ``SparseLinear`` modules,
+    for speed comparisons only."""
+    sparse = copy.deepcopy(model)
+    adapter = ModelAdapter(sparse)
+    for name, prunable in adapter.all_linears().items():
+        weight = prunable.weight.detach()
+        weight = weight * NM(2, 4).keep_mask(weight.abs().float())
+        module = SparseLinear(weight, getattr(prunable.module, "bias", None), backend=backend, name=name,
+                              transposed=prunable.transposed)
+        parent, _, child = name.rpartition(".")
+        setattr(sparse.get_submodule(parent) if parent else sparse, child, module)
+    return sparse
+
+
+def _elapsed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    clock = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - clock
+
+
+@torch.inference_mode()
+def decode_benchmark(models: dict[str, nn.Module], batch_sizes: list[int], prompt_len: int, new_tokens: int,
+                     device: torch.device, seed: int = 0, repeats: int = 3, progress: bool = True) -> list[dict]:
+    """Prefill time and greedy decode tokens/s of each model on the same random prompts.
+
+    The models take turns within each repeat (after one warm-up run each), so a noisy machine
+    slows them alike; decode time is the generate() time minus the prefill time (medians)."""
+    rows: list[dict] = []
+    bar = tqdm(total=len(batch_sizes) * (repeats + 1), desc="decode", unit="round", disable=not progress)
+    for batch in batch_sizes:
+        vocab = next(iter(models.values())).config.vocab_size
+        prompt = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
+        mask = torch.ones_like(prompt)
+        times: dict[str, dict[str, list[float]]] = {label: {"prefill": [], "total": []} for label in models}
+        for round_ in range(repeats + 1):
+            for label, model in models.items():
+                prefill = _elapsed(lambda: model(prompt, attention_mask=mask, use_cache=True), device)
+                total = _elapsed(lambda: model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens,
+                                                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0), device)
+                if round_:  # round 0 warms up
+                    times[label]["prefill"].append(prefill)
+                    times[label]["total"].append(total)
+            bar.update()
+        for label in models:
+            prefill, total = (statistics.median(times[label][k]) for k in ("prefill", "total"))
+            rows.append({"model": label, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                         "prefill_ms": round(prefill * 1e3, 2),
+                         "decode_tok_s": round(batch * new_tokens / max(total - prefill, 1e-9), 2)})
+    bar.close()
+    return rows
+
+
+def gemm_table(rows: list[dict]) -> str:
+    lines = ["| out × in | M | backend (ran) | dense µs | sparse µs | speedup | byte ceiling |", "|---|---:|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['out']} × {r['in']} | {r['m']} | {r['backend']} ({r['ran']}) | {r['dense_us']} | {r['sparse_us']} | "
+              f"{r['speedup']:.2f} | {r['ceiling']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def decode_table(rows: list[dict]) -> str:
+    lines = ["| model | batch | prefill ms | decode tok/s | vs dense |", "|---|---:|---:|---:|---:|"]
+    dense = {r["batch"]: r for r in rows if r["model"] == "dense"}
+    for r in rows:
+        ratio = r["decode_tok_s"] / dense[r["batch"]]["decode_tok_s"] if r["batch"] in dense else float("nan")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['prefill_ms']} | {r['decode_tok_s']} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_speedups(rows: list[dict], path) -> None:
+    """Speedup against M, one line per (shape, backend), with the byte ceiling."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.add_subplot()
+    for key in sorted({(r["out"], r["in"], r["backend"]) for r in rows}):
+        points = sorted((r["m"], r["speedup"]) for r in rows if (r["out"], r["in"], r["backend"]) == key)
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{key[0]}×{key[1]} {key[2]}")
+    axes.axhline(rows[0]["ceiling"], color="grey", linestyle="--", label="byte ceiling")
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("M (rows of x: batch × tokens)")
+    axes.set_ylabel("speedup over dense F.linear")
+    axes.set_title("2:4 sparse vs dense GEMM")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)

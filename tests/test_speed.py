@@ -1,0 +1,50 @@
+"""`llmprune bench`: the structure of its tables and JSON on CPU (never its timings)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_cli import prune_args, run_cli
+
+from llmprune.eval.speed import byte_ceiling, median_seconds, random_24
+from llmprune.patterns import NM
+
+
+def test_byte_ceiling_and_helpers() -> None:
+    assert byte_ceiling(torch.float16) == pytest.approx(16 / 9)
+    assert byte_ceiling(torch.float32) == pytest.approx(4 / 2.125)
+    weight = random_24(8, 16, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert NM(2, 4).violations(weight) == 0 and (weight != 0).sum() == 64
+    calls = []
+    assert median_seconds(lambda i: calls.append(i), torch.device("cpu"), repeats=7, warmup=2) >= 0
+    assert calls == [0, 1, 0, 1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_bench_quick_on_a_tiny_model(capsys, tiny_checkpoint, calib_file, tmp_path, packed) -> None:
+    model = tiny_checkpoint
+    if packed:
+        model = tmp_path / "pruned"
+        assert run_cli(capsys, *prune_args(tiny_checkpoint, calib_file, model, "--pattern", "2:4"))[0] == 0
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(capsys, "bench", model, "--quick", "--device", "cpu", "--json", out, "--quiet")
+    assert code == 0, err
+    assert ("packed checkpoint" if packed else "2:4 magnitude copy") in stdout
+    record = json.loads(out.read_text())
+    assert record["packed"] is packed and record["sparse_backends_run"] == ["dense"]
+    shapes = {(32, 32), (16, 32), (64, 32), (32, 64)}  # q/o, k/v (GQA), gate/up, down of the tiny Llama
+    assert {(r["out"], r["in"]) for r in record["gemm"]} == shapes
+    assert {r["m"] for r in record["gemm"]} == {1, 16}
+    for row in record["gemm"]:
+        assert row["dense_us"] > 0 and row["sparse_us"] > 0 and row["ceiling"] == pytest.approx(1.882, abs=1e-3)
+        assert row["speedup"] == pytest.approx(row["dense_us"] / row["sparse_us"], rel=0.02)
+    assert [(r["model"], r["batch"]) for r in record["decode"]] == [("dense", 1), ("sparse", 1)]
+    assert all(r["decode_tok_s"] > 0 and r["prefill_ms"] > 0 for r in record["decode"])
+    assert stdout.count("| 32 × 64 |") == 2 and "| sparse | 1 |" in stdout
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_bad_lists(capsys, tiny_checkpoint) -> None:
+    code, _, err = run_cli(capsys, "bench", tiny_checkpoint, "--ms", "1,x", "--device", "cpu")
+    assert code == 2 and "--ms must be positive integers" in err

@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_options(evaluate)
     evaluate.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
     evaluate.add_argument("--window-stride", type=int, default=1, help="score every k-th window only (protocol subset: 8)")
-    evaluate.add_argument("--backend", default="auto", choices=["auto", "dense", "semi-structured"],
-                          help="how packed 2:4 layers compute: CUDA 2:4 kernels, exact dense, or auto (default)")
+    evaluate.add_argument("--backend", default="auto", choices=["auto", "dense", "semi-structured", "triton"],
+                          help="how packed 2:4 layers compute: CUDA 2:4 kernels (semi-structured), our Triton decode kernel, exact dense, or auto (default)")
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file (llmprune compare --results reads it)")
     _add_common(evaluate)
     evaluate.set_defaults(batch_size=None)
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "compared with itself on the dense backend; a dense model with a 2:4 "
                                             "(magnitude) copy of itself.")
     bench.add_argument("model", help="packed checkpoint directory, or a dense model (local dir, .gguf, Hub id)")
-    bench.add_argument("--backend", default="auto", choices=["auto", "dense", "semi-structured"],
+    bench.add_argument("--backend", default="auto", choices=["auto", "dense", "semi-structured", "triton"],
                        help="sparse backend of the sparse model (default auto: the CUDA 2:4 kernels where they apply)")
     bench.add_argument("--ms", default=",".join(map(str, GEMM_MS)), help="GEMM rows M (batch × tokens), comma-separated")
     bench.add_argument("--batch-sizes", default="1,8,32", help="decode batch sizes, comma-separated (default 1,8,32)")
@@ -307,7 +307,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     linears = ([m for m in sparse.modules() if isinstance(m, SparseLinear)] if packed
                else ModelAdapter(dense).all_linears().values())
     shapes = list(dict.fromkeys((linear.out_features, linear.in_features) for linear in linears))
-    backends = ["dense"] + [b for b in ("semi-structured",) if device.type == "cuda" and args.backend != "dense"]
+    backends = ["dense"] + [b for b in ("semi-structured", "triton") if device.type == "cuda" and args.backend != "dense"]
     ran = sorted({m.backend for m in sparse.modules() if hasattr(m, "backend")})
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
           f"{torch.get_num_threads()} threads, {dtype}; byte ceiling {byte_ceiling(dtype):.2f}x; sparse model: "

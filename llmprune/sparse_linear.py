@@ -8,6 +8,8 @@ validates them, and keeps only what its backend computes with, never two copies 
   (cuSPARSELt or CUTLASS 2:4 kernels; CUDA, float16/bfloat16). A layer whose shape or dtype the
   kernel does not take falls back to ``dense``; ``backend`` says what it runs and
   ``fallback_reason`` why it is not the requested one.
+- ``triton``: the decode kernel of ``kernels.triton24`` (kept values + 2-bit positions, read once;
+  CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests); in_features must be a multiple of 32.
 - ``auto``: ``semi-structured`` where it applies, else ``dense``.
 
 Hybrid sparse-dense split (``dense_ranges``, input-column ranges kept dense): the 2:4 part is the
@@ -27,8 +29,9 @@ from torch import nn
 
 from .errors import LLMPruneError
 from .formats.sparse24 import is_24, pack_24, unpack_24
+from .kernels.triton24 import from_layout, linear_24, to_layout, triton_unavailable
 
-BACKENDS = ("dense", "semi-structured", "auto")
+BACKENDS = ("dense", "semi-structured", "triton", "auto")
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -91,6 +94,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("sparse_index", (~dense).nonzero().flatten().to(weight.device), persistent=False)
         self.register_buffer("dense_index", dense.nonzero().flatten().to(weight.device), persistent=False)
         self.register_buffer("dense_weight", None, persistent=False)  # [out, |D|] of a hybrid layer
+        self.register_buffer("triton_meta", None, persistent=False)  # int32 2-bit positions (triton backend)
         self.transposed = transposed
         self.requested_backend = backend
         self.backend = "dense"
@@ -126,13 +130,21 @@ class SparseLinear(nn.Module):
                                 f"(a group of 4 inputs holds more than 2 non-zeros, or in_features is not "
                                 f"divisible by 4); keep it as nn.Linear")
         reason = None
-        if self.requested_backend != "dense":
+        self.triton_meta = None
+        if self.requested_backend == "triton":
+            reason = triton_unavailable(weight)
+            if reason is None:
+                values, self.triton_meta = to_layout(weight, self.name)
+                self.kernel = nn.Parameter(values, requires_grad=False)
+                self.backend, self.fallback_reason = "triton", None
+                return
+        elif self.requested_backend != "dense":
             reason = semi_structured_unavailable(weight)
             if reason is None:
                 try:
                     # what torch.sparse.to_sparse_semi_structured does, with CUTLASS when cuSPARSELt is missing
                     kernel = _semi_structured_kernel().from_dense(weight.contiguous())
-                    probe = torch.zeros(16, self.in_features, dtype=weight.dtype, device=weight.device)
+                    probe = torch.zeros(16, weight.shape[1], dtype=weight.dtype, device=weight.device)
                     F.linear(probe, kernel, None if self.bias is None else self.bias.to(weight.dtype))
                 except (RuntimeError, NotImplementedError, AssertionError) as exc:
                     reason = f"to_sparse_semi_structured failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
@@ -155,6 +167,8 @@ class SparseLinear(nn.Module):
         """The 2:4 part ``[out, |S|]`` (the whole weight unless the layer is hybrid)."""
         if self.backend == "dense":
             return self.kernel.T if self._conv_layout else self.kernel
+        if self.backend == "triton":
+            return from_layout(self.kernel, self.triton_meta)
         return self.kernel.to_dense()
 
     @property
@@ -168,19 +182,23 @@ class SparseLinear(nn.Module):
         """(``compressed``, ``bitmask``) of the 2:4 part, as ``formats.sparse24.pack_24`` writes them."""
         return pack_24(self.sparse_weight, self.name)
 
+    def _sparse_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``'s 2:4 part times the 2:4 weight, plus the bias, on the kernel's backend."""
+        if self.backend == "triton":
+            return linear_24(x, self.kernel, self.triton_meta, self.bias)
+        if self.backend == "semi-structured":
+            x = x.contiguous()
+        return F.linear(x, self.kernel, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hybrid:
-            sparse_x = _columns(x, self.sparse_index)
-            if self.backend == "semi-structured":
-                sparse_x = sparse_x.contiguous()
-            return F.linear(sparse_x, self.kernel, self.bias) + F.linear(_columns(x, self.dense_index), self.dense_weight)
+            sparse = self._sparse_product(_columns(x, self.sparse_index))
+            return sparse + F.linear(_columns(x, self.dense_index), self.dense_weight)
         if self.backend == "dense" and self.transposed:
             flat = x.reshape(-1, x.shape[-1])
             out = flat @ self.kernel if self.bias is None else torch.addmm(self.bias, flat, self.kernel)
             return out.view(*x.shape[:-1], self.out_features)
-        if self.backend == "semi-structured":
-            x = x.contiguous()
-        return F.linear(x, self.kernel, self.bias)
+        return self._sparse_product(x)
 
     # state_dict holds the dense weight in the replaced module's layout, not the kernel's storage.
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -1,0 +1,1 @@
+"""Custom kernels (optional dependencies, imported lazily)."""

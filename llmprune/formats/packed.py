@@ -508,16 +508,26 @@ def _plan_bitmask(names: set[str], modules: dict[str, nn.Module], layout: dict[s
         out_features, in_features = _linear_shape(module)
         expect = {"compressed": (None, None), "bitmask": ("U8", (out_features, bitmask_columns(in_features))),
                   "shape": ("I64", None), "row_offsets": ("I64", (out_features,))}
-        for suffix, (want_dtype, want_shape) in expect.items():
-            key = f"{name}.{suffix}"
-            if key not in layout:
-                raise LLMPruneError(f"{key} is missing from {directory}: sparse-bitmask module {name} needs "
-                                    f".compressed, .bitmask, .shape and .row_offsets")
-            info = layout[key]
-            if (want_dtype and info.dtype != want_dtype) or (want_shape and info.shape != want_shape):
-                raise LLMPruneError(f"{key} is {info.dtype} {list(info.shape)}, but config.json makes {name} "
-                                    f"[out, in] = [{out_features}, {in_features}], which needs "
-                                    f"{want_dtype or 'float'} {list(want_shape) if want_shape else ''}".rstrip())
+        _check_entries(layout, directory, name, "sparse-bitmask module", expect,
+                       f"config.json makes {name} [out, in] = [{out_features}, {in_features}]")
+
+
+def _check_entries(layout: dict[str, TensorInfo], directory: Path, name: str, what: str,
+                   expect: dict[str, tuple[str | None, tuple[int, ...] | None]], context: str) -> None:
+    """Check each ``name.suffix`` of ``expect`` (suffix → (dtype, shape), None = any) against the headers;
+    ``what`` names the kind of module, ``context`` where the expected shapes come from."""
+    for suffix, (want_dtype, want_shape) in expect.items():
+        key = f"{name}.{suffix}"
+        if key not in layout:
+            raise LLMPruneError(f"{key} is missing from {directory}: {what} {name} needs "
+                                f"{', '.join('.' + s for s in expect)}")
+        info = layout[key]
+        if suffix == "shape" and (info.dtype != "I64" or math.prod(info.shape) != 2):
+            raise LLMPruneError(f"{key} must be int64 with 2 elements (out, in); it is {info.dtype} {list(info.shape)}")
+        if want_dtype and info.dtype != want_dtype:
+            raise LLMPruneError(f"{key} is {info.dtype}; the format stores it as {want_dtype}")
+        if want_shape and info.shape != want_shape:
+            raise LLMPruneError(f"{key} has shape {list(info.shape)}, but {context}, which needs {list(want_shape)}")
 
 
 def _read_hybrid(packing: dict, directory: Path) -> dict[str, Ranges]:
@@ -625,20 +635,9 @@ def read_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
                   "shape": ("I64", None)}
         if ranges:
             expect[HYBRID_SUFFIX] = (None, (out_features, dense_columns))
-        for suffix, (want_dtype, want_shape) in expect.items():
-            key = f"{name}.{suffix}"
-            if key not in layout:
-                raise LLMPruneError(f"{key} is missing from {directory}: packed 2:4 module {name} needs "
-                                    f".compressed, .bitmask and .shape{' (and .dense, being hybrid)' if ranges else ''}")
-            info = layout[key]
-            if suffix == "shape" and (info.dtype != "I64" or math.prod(info.shape) != 2):
-                raise LLMPruneError(f"{key} must be int64 with 2 elements (out, in); it is {info.dtype} {list(info.shape)}")
-            if want_dtype and info.dtype != want_dtype:
-                raise LLMPruneError(f"{key} is {info.dtype}; the format stores it as {want_dtype}")
-            if want_shape and info.shape != want_shape:
-                raise LLMPruneError(f"{key} has shape {list(info.shape)}, but config.json makes {name} "
-                                    f"[out, in] = [{out_features}, {in_features}]"
-                                    f"{f' with {dense_columns} dense columns' if ranges else ''}, which needs {list(want_shape)}")
+        _check_entries(layout, directory, name, "hybrid module" if ranges else "packed 2:4 module", expect,
+                       f"config.json makes {name} [out, in] = [{out_features}, {in_features}]"
+                       f"{f' with {dense_columns} dense columns' if ranges else ''}")
         if in_features % 4:
             raise LLMPruneError(f"{name} has in_features {in_features}, not divisible by 4, yet is stored packed")
 

@@ -4,7 +4,8 @@
 Each config runs in its own subprocess, so its peak RSS is its own. Config syntax:
 ``dense``, ``METHOD@SPARSITY`` (unstructured), ``METHOD@N:M``, ``METHOD@hybrid:F`` (2:4 with a dense
 fraction F), plus suffixes: ``+dsnot`` (DSnoT refinement), ``+owl`` (OWL allocation), ``+noshare``
-(every linear gets its own statistics, to measure what Hessian sharing saves), ``+saliency`` (hybrid
+(every linear gets its own statistics, to measure what Hessian sharing saves), ``+dsnotattn`` (DSnoT
+on the attention linears only, as the paper's code does), ``+saliency`` (hybrid
 blocks by saliency instead of the error-driven default), ``+global`` (one global hybrid budget).
 Example (the protocol):
 
@@ -30,6 +31,7 @@ DEFAULT_MODEL = shared_dir() / "models" / "smollm2-135m-instruct-q4_1"
 
 # Suffixes that switch a pipeline option on: METHOD@TARGET+dsnot+owl+noshare.
 SUFFIXES = {"noshare": {"share_stats": False}, "dsnot": {"refine": "dsnot"}, "owl": {"allocation": "owl"},
+            "dsnotattn": {"refine": "dsnot", "refine_options": {"skip": ("mlp",)}},
             "saliency": {"hybrid_select": "saliency"}, "global": {"hybrid_budget": "global"}}
 
 

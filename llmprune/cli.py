@@ -256,7 +256,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"{directory}: {recipe['method']} {recipe['pattern']} from {recipe.get('source')}")
     print(f"calibration: {calib['spec']}, {calib['nsamples']} x {calib['seqlen']} tokens, seed {calib['seed']}")
     phases = ", ".join(f"{k} {v} s" for k, v in summary.get("phase_seconds", {}).items())
-    print(f"sparsity {summary['sparsity']:.4f} over {summary['prunable_params']:,} prunable weights, "
+    dense = f" ({summary['dense_fraction']:.3f} of them in dense regions)" if summary.get("dense_fraction") else ""
+    print(f"sparsity {summary['sparsity']:.4f} over {summary['prunable_params']:,} prunable weights{dense}, "
           f"pruned in {summary['seconds']} s ({phases})")
     sizes = linear_sizes(directory, {layer["name"]: layer["shape"] for layer in report["layers"]})
     files = sorted(directory.glob("*.safetensors"))

@@ -50,7 +50,7 @@ def test_prune_hybrid_then_info(capsys, tiny_checkpoint, calib_file, tmp_path) -
                                                   "--hybrid-budget", "global", "--hybrid-select", "saliency"))
     assert code == 0 and "sparsity 0.3750" in stdout and "0.250 of them in dense regions" in stdout
     code, stdout, _ = run_cli(capsys, "info", out)
-    assert code == 0 and "wanda hybrid:2:4" in stdout
+    assert code == 0 and "wanda hybrid:2:4" in stdout and "0.250 of them in dense regions" in stdout
 
 
 def test_prune_bitmask_then_info_and_eval(capsys, tiny_checkpoint, calib_file, tmp_path) -> None:

@@ -299,6 +299,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     ms = list(QUICK_MS) if args.quick else _int_list(args.ms, "--ms")
     batch_sizes = [1] if args.quick else _int_list(args.batch_sizes, "--batch-sizes")
     prompt_len, new_tokens, repeats = (16, 8, 10) if args.quick else (args.prompt_len, args.new_tokens, args.repeats)
+    for flag, value in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens), ("--repeats", repeats)):
+        if value < 1:
+            raise LLMPruneError(f"{flag} must be a positive integer; got {value}")
     device = resolve_device(args.device)
     packed = Path(args.model).is_dir() and is_packed_checkpoint(args.model)
     dense = load_model(args.model, device=device, dtype=args.dtype, backend="dense")

@@ -15,6 +15,14 @@ import torch
 from .errors import LLMPruneError
 
 
+def range_columns(in_features: int, ranges, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool ``[in]``: True on the columns of the ``(start, end)`` ranges."""
+    columns = torch.zeros(in_features, dtype=torch.bool, device=device)
+    for start, end in ranges:
+        columns[start:end] = True
+    return columns
+
+
 def _prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Keep-mask that drops the ``count`` lowest scores along the last axis."""
     keep = torch.ones_like(scores, dtype=torch.bool)
@@ -87,10 +95,7 @@ class NM:
 
     def dense_columns(self, in_features: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Bool ``[in]``: True on the columns of the dense ranges."""
-        columns = torch.zeros(in_features, dtype=torch.bool, device=device)
-        for start, end in self.dense:
-            columns[start:end] = True
-        return columns
+        return range_columns(in_features, self.dense, device)
 
     def keep_mask(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` ``[out, in]`` → bool keep-mask: exactly ``n`` kept per group, all kept in dense ranges."""

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LLMPruneError
-from .formats.sparse24 import is_24, pack_24, unpack_24
+from .patterns import range_columns
+from .formats.sparse24 import hybrid_columns, is_24, pack_24, unpack_24
 from .kernels.triton24 import from_layout, linear_24, to_layout, triton_unavailable
 
 BACKENDS = ("dense", "semi-structured", "triton", "auto")
@@ -85,12 +86,7 @@ class SparseLinear(nn.Module):
         self.name = name
         self.out_features, self.in_features = weight.shape
         self.dense_ranges = tuple((int(a), int(b)) for a, b in dense_ranges)
-        dense = torch.zeros(self.in_features, dtype=torch.bool)
-        for start, end in self.dense_ranges:
-            if not (0 <= start < end <= self.in_features and start % 4 == 0 and (end % 4 == 0 or end == self.in_features)):
-                raise LLMPruneError(f"{name}: dense range {start}:{end} is not a run of whole groups of 4 "
-                                    f"inside its {self.in_features} inputs")
-            dense[start:end] = True
+        dense = hybrid_columns(self.in_features, self.dense_ranges, name)
         self.register_buffer("sparse_index", (~dense).nonzero().flatten().to(weight.device), persistent=False)
         self.register_buffer("dense_index", dense.nonzero().flatten().to(weight.device), persistent=False)
         self.register_buffer("dense_weight", None, persistent=False)  # [out, |D|] of a hybrid layer
@@ -267,9 +263,7 @@ def join_regions(sparse: torch.Tensor, dense: torch.Tensor, dense_ranges: tuple[
     (each in column order); ``dense_ranges`` says where the dense ones go."""
     rows = sparse.shape[0]
     in_features = sparse.shape[1] + dense.shape[1]
-    is_dense = torch.zeros(in_features, dtype=torch.bool)
-    for start, end in dense_ranges:
-        is_dense[start:end] = True
+    is_dense = range_columns(in_features, dense_ranges)
     if int(is_dense.sum()) != dense.shape[1] or dense.shape[0] != rows:
         raise LLMPruneError(f"dense region {list(dense.shape)} does not match the dense columns "
                             f"{[list(r) for r in dense_ranges]} of a [{rows}, {in_features}] weight")

@@ -177,13 +177,18 @@ def test_float32_default_matches_float64_on_clear_case() -> None:
     assert torch.equal(single != 0, double != 0)
 
 
+def wanda_case(seed: int, rows: int, tokens: int, shift: float):
+    """(dense ``[rows, 64]``, input stats with a mean shift, Unstructured(0.5), Wanda's pruned weight)."""
+    torch.manual_seed(seed)
+    dense = torch.randn(rows, 64)
+    stats = stats_of(shifted_inputs(tokens, 64, seed=seed + 1, shift=shift))
+    pattern = Unstructured(0.5)
+    return dense, stats, pattern, make_pruner("wanda").prune(dense.clone(), stats, pattern).weight
+
+
 def test_threshold_stops_early() -> None:
     """|e| only falls, so a row either stops once below the threshold or runs exactly as without one."""
-    torch.manual_seed(8)
-    dense = torch.randn(32, 64)
-    stats = stats_of(shifted_inputs(512, 64, seed=9, shift=1.5))
-    pattern = Unstructured(0.5)
-    pruned = make_pruner("wanda").prune(dense.clone(), stats, pattern).weight
+    dense, stats, pattern, pruned = wanda_case(seed=8, rows=32, tokens=512, shift=1.5)
     full = DSnoT(cycles=50, threshold=0.0).refine(dense, pruned, stats, pattern)
     before = expected_error(dense, pruned, stats).abs().sort().values
     final = expected_error(dense, full.weight, stats).abs().sort().values
@@ -207,11 +212,7 @@ def test_threshold_stops_early() -> None:
 
 
 def test_cycles_bound_the_swaps() -> None:
-    torch.manual_seed(10)
-    dense = torch.randn(16, 64)
-    stats = stats_of(shifted_inputs(256, 64, seed=11, shift=2.0))
-    pattern = Unstructured(0.5)
-    pruned = make_pruner("wanda").prune(dense.clone(), stats, pattern).weight
+    dense, stats, pattern, pruned = wanda_case(seed=10, rows=16, tokens=256, shift=2.0)
     zero = DSnoT(cycles=0).refine(dense, pruned, stats, pattern)
     assert torch.equal(zero.weight, pruned)
     assert zero.info["dsnot_cycles"] == 0 and zero.info["dsnot_err_after"] == zero.info["dsnot_err_before"]

@@ -48,3 +48,5 @@ def test_bench_quick_on_a_tiny_model(capsys, tiny_checkpoint, calib_file, tmp_pa
 def test_bench_bad_lists(capsys, tiny_checkpoint) -> None:
     code, _, err = run_cli(capsys, "bench", tiny_checkpoint, "--ms", "1,x", "--device", "cpu")
     assert code == 2 and "--ms must be positive integers" in err
+    code, _, err = run_cli(capsys, "bench", tiny_checkpoint, "--prompt-len", "0", "--device", "cpu")
+    assert code == 2 and "--prompt-len must be a positive integer" in err

@@ -54,7 +54,8 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import LLMPruneError
 from ..resources import read_json
 from ..sparse_linear import BACKENDS, SparseLinear
-from .sparse24 import bitmask_columns, dense_shape, is_24, pack_24, pack_bitmask, stored_positions, unpack_bitmask
+from ..patterns import range_columns
+from .sparse24 import hybrid_columns, bitmask_columns, dense_shape, is_24, pack_24, pack_bitmask, stored_positions, unpack_bitmask
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -135,17 +136,9 @@ def _class_name(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def _region_columns(in_features: int, ranges: Ranges) -> torch.Tensor:
-    """Bool ``[in]``: the dense columns of a hybrid layer."""
-    dense = torch.zeros(in_features, dtype=torch.bool)
-    for start, end in ranges:
-        dense[start:end] = True
-    return dense
-
-
 def _split_regions(weight: torch.Tensor, ranges: Ranges) -> tuple[torch.Tensor, torch.Tensor]:
     """(2:4 part ``[out, |S|]``, dense part ``[out, |D|]``) of a hybrid layer's weight."""
-    dense = _region_columns(weight.shape[1], ranges).to(weight.device)
+    dense = range_columns(weight.shape[1], ranges, weight.device)
     return weight[:, ~dense], weight[:, dense]
 
 
@@ -352,7 +345,7 @@ def _packed_section(name: str, module: nn.Module, ranges: Ranges) -> _Section:
     else:
         weight = _linear_weight(module)
         (out_features, in_features), dtype = weight.shape, weight.dtype
-    dense_columns = int(_region_columns(in_features, ranges).sum())
+    dense_columns = int(range_columns(in_features, ranges).sum())
     sparse_columns = in_features - dense_columns
 
     def produce() -> list[torch.Tensor]:
@@ -624,11 +617,7 @@ def read_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
                                 f"{directory}: config.json lists {name} as a hybrid layer but it is not packed")
         out_features, in_features = _linear_shape(module)
         ranges = hybrid.get(name, ())
-        for start, end in ranges:
-            if not (0 <= start < end <= in_features and start % 4 == 0 and (end % 4 == 0 or end == in_features)):
-                raise LLMPruneError(f"{directory}: hybrid layer {name} has dense range {start}:{end}, not whole groups "
-                                    f"of 4 inside its {in_features} inputs")
-        dense_columns = int(_region_columns(in_features, ranges).sum())
+        dense_columns = int(hybrid_columns(in_features, ranges, f"{directory}: hybrid layer {name}").sum())
         sparse_columns = in_features - dense_columns
         expect = {"compressed": (None, (out_features, sparse_columns // 2)),
                   "bitmask": ("U8", (out_features, bitmask_columns(sparse_columns))),
@@ -723,7 +712,7 @@ def read_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
         module = modules[name]
         ranges = hybrid.get(name, ())
         out_features, in_features = _linear_shape(module)
-        expected = (out_features, in_features - int(_region_columns(in_features, ranges).sum()))
+        expected = (out_features, in_features - int(range_columns(in_features, ranges).sum()))
         stored = dense_shape(fetch(f"{name}.shape"), name)
         if stored != expected:
             raise LLMPruneError(f"{name}.shape says (out, in) = {stored}, but config.json makes {name}'s "

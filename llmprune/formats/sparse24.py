@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LLMPruneError
+from ..patterns import range_columns
 
 GROUP = 4
 KEEP = 2
@@ -146,6 +147,15 @@ def pack_24(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, t
     values.masked_fill_(values == 0, 0)  # -0.0 → +0.0; also the zeros that fill sparse groups
     bitmask = _nibbles_to_bytes(_table(_STORED_BITS, weight.device)[patterns])
     return values, bitmask
+
+
+def hybrid_columns(in_features: int, ranges: Sequence[Sequence[int]], name: str = "weight") -> torch.Tensor:
+    """Bool ``[in]`` of a hybrid layer's dense columns, after checking that every range is whole groups
+    of 4 inside the layer (the 2:4 part must keep its groups)."""
+    for start, end in ranges:
+        if not (0 <= start < end <= in_features and start % GROUP == 0 and (end % GROUP == 0 or end == in_features)):
+            raise LLMPruneError(f"{name} has dense range {start}:{end}, not whole groups of 4 inside its {in_features} inputs")
+    return range_columns(in_features, ranges)
 
 
 def dense_shape(shape: torch.Tensor | Sequence[int], name: str = "weight") -> tuple[int, int]:

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import LLMPruneError
+from .kernels import BACKENDS
 
 EPILOG = """examples:
   llmprune prune ../shared/models/smollm2-135m-instruct-q4_1 --method wanda --pattern 2:4 --out smollm2-wanda-24
@@ -112,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_options(evaluate)
     evaluate.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
     evaluate.add_argument("--window-stride", type=int, default=1, help="score every k-th window only (protocol subset: 8)")
-    evaluate.add_argument("--backend", default="auto", choices=["auto", "dense", "semi-structured", "triton"],
-                          help="how packed 2:4 layers compute: CUDA 2:4 kernels (semi-structured), our Triton decode kernel, exact dense, or auto (default)")
+    evaluate.add_argument("--backend", default="auto", choices=BACKENDS,
+                          help="how packed 2:4 layers compute: CUDA 2:4 kernels (semi-structured), our Triton (CUDA) or numba "
+                               "(CPU) decode kernels, exact dense, or auto (default: semi-structured on CUDA, numba on CPU, where they apply)")
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file (llmprune compare --results reads it)")
     _add_common(evaluate)
     evaluate.set_defaults(batch_size=None)
@@ -152,13 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
                                             "compared with itself on the dense backend; a dense model with a 2:4 "
                                             "(magnitude) copy of itself.")
     bench.add_argument("model", help="packed checkpoint directory, or a dense model (local dir, .gguf, Hub id)")
-    bench.add_argument("--backend", default="auto", choices=["auto", "dense", "semi-structured", "triton"],
-                       help="sparse backend of the sparse model (default auto: the CUDA 2:4 kernels where they apply)")
+    bench.add_argument("--backend", default="auto", choices=BACKENDS,
+                       help="sparse backend of the sparse model (default auto: semi-structured on CUDA, numba on CPU, where they apply)")
     bench.add_argument("--ms", default=",".join(map(str, GEMM_MS)), help="GEMM rows M (batch × tokens), comma-separated")
     bench.add_argument("--batch-sizes", default="1,8,32", help="decode batch sizes, comma-separated (default 1,8,32)")
     bench.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     bench.add_argument("--new-tokens", type=int, default=128, help="generated tokens per sequence (default 128)")
     bench.add_argument("--repeats", type=int, default=100, help="GEMM repeats per case (median; fewer past 2 s)")
+    bench.add_argument("--weight-pool-mb", type=int, default=None,
+                       help="GEMM weights rotate through copies of at least this many MiB, so that they stream from "
+                            "memory as in decode (default 256; 0 times one weight, hot in cache)")
     bench.add_argument("--quick", action="store_true", help="small run for a smoke test: M 1,16, batch 1, 16+8 tokens")
     bench.add_argument("--json", default=None, help="write the results here")
     bench.add_argument("--plot", default=None, help="PNG of GEMM speedup against M (default: next to --json)")
@@ -289,7 +294,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     import torch
 
-    from .eval.speed import QUICK_MS, byte_ceiling, decode_benchmark, decode_table, gemm_benchmark, gemm_table, \
+    from .eval.speed import POOL_BYTES, QUICK_MS, byte_ceiling, decode_benchmark, decode_table, gemm_benchmark, gemm_table, \
         plot_speedups, sparse_copy
     from .formats.packed import is_packed_checkpoint
     from .models import ModelAdapter, load_model
@@ -311,12 +316,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
     linears = ([m for m in sparse.modules() if isinstance(m, SparseLinear)] if packed
                else ModelAdapter(dense).all_linears().values())
     shapes = list(dict.fromkeys((linear.out_features, linear.in_features) for linear in linears))
-    backends = ["dense"] + [b for b in ("semi-structured", "triton") if device.type == "cuda" and args.backend != "dense"]
+    kernels = ("semi-structured", "triton") if device.type == "cuda" else ("numba",)
+    backends = ["dense"] + ([] if args.backend == "dense" else list(kernels))
     ran = sorted({m.backend for m in sparse.modules() if hasattr(m, "backend")})
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
-          f"{torch.get_num_threads()} threads, {dtype}; byte ceiling {byte_ceiling(dtype):.2f}x; sparse model: "
+          f"{torch.get_num_threads()} threads, {dtype}; byte ceiling {byte_ceiling(dtype):.2f}x (2-bit positions); sparse model: "
           f"{'packed checkpoint' if packed else '2:4 magnitude copy of the dense model'}, backends run: {', '.join(ran)}")
-    gemm = gemm_benchmark(shapes, tuple(ms), backends, dtype, device, repeats=repeats, progress=not args.quiet)
+    pool_mb = args.weight_pool_mb if args.weight_pool_mb is not None else (8 if args.quick else POOL_BYTES >> 20)
+    if pool_mb < 0:
+        raise LLMPruneError(f"--weight-pool-mb must be 0 or more; got {pool_mb}")
+    gemm = gemm_benchmark(shapes, tuple(ms), backends, dtype, device, repeats=repeats, pool_bytes=pool_mb << 20,
+                          progress=not args.quiet)
     print(gemm_table(gemm))
     decode = decode_benchmark({"dense": dense, "sparse": sparse}, batch_sizes, prompt_len, new_tokens, device,
                               progress=not args.quiet)

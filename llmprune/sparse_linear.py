@@ -10,7 +10,9 @@ validates them, and keeps only what its backend computes with, never two copies 
   ``fallback_reason`` why it is not the requested one.
 - ``triton``: the decode kernel of ``kernels.triton24`` (kept values + 2-bit positions, read once;
   CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests); in_features must be a multiple of 32.
-- ``auto``: ``semi-structured`` where it applies, else ``dense``.
+- ``numba``: the CPU decode kernel of ``kernels.cpu24`` (kept values + one position byte per group
+  of 4, float32, needs numba); more than a few rows of ``x`` expand the weight and run a dense GEMM.
+- ``auto``: ``semi-structured`` on CUDA and ``numba`` on CPU where they apply, else ``dense``.
 
 Hybrid sparse-dense split (``dense_ranges``, input-column ranges kept dense): the 2:4 part is the
 weight's other columns ``S``, run by the backend as above, and the dense columns ``D`` run as a plain
@@ -30,9 +32,13 @@ from torch import nn
 from .errors import LLMPruneError
 from .patterns import range_columns
 from .formats.sparse24 import hybrid_columns, is_24, pack_24, unpack_24
+from .kernels import BACKENDS
+from .kernels.cpu24 import cpu_unavailable, from_cpu_layout, linear_24_cpu, to_cpu_layout
 from .kernels.triton24 import from_layout, linear_24, to_layout, triton_unavailable
 
-BACKENDS = ("dense", "semi-structured", "triton", "auto")
+# Kernels that keep (values, meta) in a layout of their own: why not, to layout, from layout, y = x·Wᵀ + b.
+LAYOUT_KERNELS = {"triton": (triton_unavailable, to_layout, from_layout, linear_24),
+                  "numba": (cpu_unavailable, to_cpu_layout, from_cpu_layout, linear_24_cpu)}
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -90,7 +96,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("sparse_index", (~dense).nonzero().flatten().to(weight.device), persistent=False)
         self.register_buffer("dense_index", dense.nonzero().flatten().to(weight.device), persistent=False)
         self.register_buffer("dense_weight", None, persistent=False)  # [out, |D|] of a hybrid layer
-        self.register_buffer("triton_meta", None, persistent=False)  # int32 2-bit positions (triton backend)
+        self.register_buffer("meta", None, persistent=False)  # the positions of a LAYOUT_KERNELS backend
         self.transposed = transposed
         self.requested_backend = backend
         self.backend = "dense"
@@ -126,15 +132,19 @@ class SparseLinear(nn.Module):
                                 f"(a group of 4 inputs holds more than 2 non-zeros, or in_features is not "
                                 f"divisible by 4); keep it as nn.Linear")
         reason = None
-        self.triton_meta = None
-        if self.requested_backend == "triton":
-            reason = triton_unavailable(weight)
+        self.meta = None
+        requested = self.requested_backend
+        if requested == "auto" and weight.device.type == "cpu":
+            requested = "numba"
+        if requested in LAYOUT_KERNELS:
+            unavailable, layout = LAYOUT_KERNELS[requested][:2]
+            reason = unavailable(weight)
             if reason is None:
-                values, self.triton_meta = to_layout(weight, self.name)
+                values, self.meta = layout(weight, self.name)
                 self.kernel = nn.Parameter(values, requires_grad=False)
-                self.backend, self.fallback_reason = "triton", None
+                self.backend, self.fallback_reason = requested, None
                 return
-        elif self.requested_backend != "dense":
+        elif requested != "dense":
             reason = semi_structured_unavailable(weight)
             if reason is None:
                 try:
@@ -163,8 +173,8 @@ class SparseLinear(nn.Module):
         """The 2:4 part ``[out, |S|]`` (the whole weight unless the layer is hybrid)."""
         if self.backend == "dense":
             return self.kernel.T if self._conv_layout else self.kernel
-        if self.backend == "triton":
-            return from_layout(self.kernel, self.triton_meta)
+        if self.backend in LAYOUT_KERNELS:
+            return LAYOUT_KERNELS[self.backend][2](self.kernel, self.meta)
         return self.kernel.to_dense()
 
     @property
@@ -180,8 +190,8 @@ class SparseLinear(nn.Module):
 
     def _sparse_product(self, x: torch.Tensor) -> torch.Tensor:
         """``x``'s 2:4 part times the 2:4 weight, plus the bias, on the kernel's backend."""
-        if self.backend == "triton":
-            return linear_24(x, self.kernel, self.triton_meta, self.bias)
+        if self.backend in LAYOUT_KERNELS:
+            return LAYOUT_KERNELS[self.backend][3](x, self.kernel, self.meta, self.bias)
         if self.backend == "semi-structured":
             x = x.contiguous()
         return F.linear(x, self.kernel, self.bias)

@@ -1,6 +1,7 @@
 """Packed 2:4 checkpoints: write_packed / read_packed, checked against an independent reader."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -212,10 +213,16 @@ def test_declared_target_that_is_not_24_is_refused(pruned_llama, tmp_path):
         write_packed(pruned_llama, tmp_path, targets={"model.norm"})
 
 
-def test_cpu_load_with_auto_backend_records_dense_fallbacks(packed_dir):
-    model = read_packed(packed_dir, backend="auto")
+def test_cpu_load_records_backends_and_fallbacks(packed_dir):
+    model = read_packed(packed_dir, backend="semi-structured")
     assert set(model.llmprune_backends.values()) == {"dense"}
     assert len(model.llmprune_fallbacks) == 14 and all("CUDA" in r for r in model.llmprune_fallbacks.values())
+    auto = read_packed(packed_dir, backend="auto")  # on CPU: the numba kernel, when numba is installed
+    if importlib.util.find_spec("numba"):
+        assert set(auto.llmprune_backends.values()) == {"numba"} and not auto.llmprune_fallbacks
+    else:
+        assert all("numba is not installed" in r for r in auto.llmprune_fallbacks.values())
+    assert torch.allclose(logits(auto), logits(model), rtol=1e-4, atol=1e-4)
     with pytest.raises(LLMPruneError, match="unknown backend"):
         read_packed(packed_dir, backend="fast")
 

@@ -1,6 +1,7 @@
 """`llmprune bench`: the structure of its tables and JSON on CPU (never its timings)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from llmprune.patterns import NM
 def test_byte_ceiling_and_helpers() -> None:
     assert byte_ceiling(torch.float16) == pytest.approx(16 / 9)
     assert byte_ceiling(torch.float32) == pytest.approx(4 / 2.125)
+    assert byte_ceiling(torch.float32, "numba") == pytest.approx(16 / 9) and byte_ceiling(torch.float16, "dense") == 1
     weight = random_24(8, 16, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert NM(2, 4).violations(weight) == 0 and (weight != 0).sum() == 64
     calls = []
@@ -32,16 +34,19 @@ def test_bench_quick_on_a_tiny_model(capsys, tiny_checkpoint, calib_file, tmp_pa
     assert code == 0, err
     assert ("packed checkpoint" if packed else "2:4 magnitude copy") in stdout
     record = json.loads(out.read_text())
-    assert record["packed"] is packed and record["sparse_backends_run"] == ["dense"]
+    kernel = "numba" if importlib.util.find_spec("numba") else "dense"  # auto on CPU
+    assert record["packed"] is packed and record["sparse_backends_run"] == [kernel]
     shapes = {(32, 32), (16, 32), (64, 32), (32, 64)}  # q/o, k/v (GQA), gate/up, down of the tiny Llama
     assert {(r["out"], r["in"]) for r in record["gemm"]} == shapes
     assert {r["m"] for r in record["gemm"]} == {1, 16}
+    assert {(r["backend"], r["ran"]) for r in record["gemm"]} == {("dense", "dense"), ("numba", kernel)}
     for row in record["gemm"]:
-        assert row["dense_us"] > 0 and row["sparse_us"] > 0 and row["ceiling"] == pytest.approx(1.882, abs=1e-3)
+        assert row["dense_us"] > 0 and row["sparse_us"] > 0 and row["ceiling"] == pytest.approx(
+            {"dense": 1.0, "numba": 16 / 9}[row["ran"]], abs=1e-3)
         assert row["speedup"] == pytest.approx(row["dense_us"] / row["sparse_us"], rel=0.02)
     assert [(r["model"], r["batch"]) for r in record["decode"]] == [("dense", 1), ("sparse", 1)]
     assert all(r["decode_tok_s"] > 0 and r["prefill_ms"] > 0 for r in record["decode"])
-    assert stdout.count("| 32 × 64 |") == 2 and "| sparse | 1 |" in stdout
+    assert stdout.count("| 32 × 64 |") == 4 and "| sparse | 1 |" in stdout
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -1,0 +1,78 @@
+"""The numba kernels behind ``kernels.cpu24`` (imported only when that backend runs: numba is optional).
+
+Arrays are in the panel layout of ``cpu24``: ``values`` ``[blocks, chunks, 4, 2, 16]`` and ``meta``
+``[blocks, chunks, 4, 16]``; ``x`` is ``[M, in]``.
+``fastmath`` is limited to reassociation and contraction, so sums may be reordered and fused into FMAs
+(what lets LLVM vectorise the reductions) while NaN and inf keep their meaning.
+"""
+import numpy as np
+from numba import njit, prange
+
+_FLAGS = dict(fastmath={"reassoc", "contract"}, cache=True, boundscheck=False, nogil=True)
+
+
+@njit(inline="always", **_FLAGS)
+def _pick(code, p0, p1, p2, p3):
+    """The two inputs a group's byte ``a | b << 2`` names, as selects (no branches, no gathers)."""
+    a = code & 3
+    b = code >> 2
+    xa = p1 if a == 1 else p0
+    xa = p2 if a == 2 else xa
+    xb = p2 if b == 2 else p1
+    xb = p3 if b == 3 else xb
+    return xa, xb
+
+
+def _gemm(values, meta, x, y):
+    """y[m, 4·blk + r] = Σ over groups of the two kept values times the inputs their positions name.
+
+    One block of 4 output rows per iteration: its panel is one contiguous stream (what the hardware
+    prefetcher follows best), read from memory for the first row of x and from cache for the others;
+    the 4 × 16 partial sums stay in L1 until the block is done."""
+    blocks, chunks = values.shape[0], values.shape[1]
+    # the inputs as their residues mod 4 (xs[m, p, c, lane] = x[m, 4·(16c + lane) + p]), zero-padded
+    xs = np.zeros((x.shape[0], 4, chunks, 16), dtype=np.float32)
+    for m in range(x.shape[0]):
+        for g in range(x.shape[1] // 4):
+            for p in range(4):
+                xs[m, p, g // 16, g % 16] = x[m, 4 * g + p]
+    acc = np.empty((blocks, 4, 16), dtype=np.float32)
+    for blk in prange(blocks):
+        part = acc[blk]
+        for m in range(x.shape[0]):
+            residues = xs[m]
+            part[:] = 0
+            for c in range(chunks):
+                for r in range(4):
+                    for lane in range(16):
+                        xa, xb = _pick(meta[blk, c, r, lane], residues[0, c, lane], residues[1, c, lane],
+                                       residues[2, c, lane], residues[3, c, lane])
+                        part[r, lane] += values[blk, c, r, 0, lane] * xa + values[blk, c, r, 1, lane] * xb
+            for r in range(4):
+                y[m, 4 * blk + r] = part[r].sum()
+
+
+gemm = njit(parallel=True, **_FLAGS)(_gemm)
+gemm_serial = njit(**_FLAGS)(_gemm)  # the same loop on one thread: small layers lose to thread start-up
+
+
+@njit(parallel=True, **_FLAGS)
+def expand(values, meta, out):
+    """The dense weight into ``out`` ``[out_features, in_features]`` (the panels without their padding)."""
+    groups = out.shape[1] // 4
+    zero = np.float32(0.0)
+    for blk in prange(values.shape[0]):
+        for r in range(4):
+            row = out[4 * blk + r]
+            for c in range(values.shape[1]):
+                for lane in range(min(16, groups - 16 * c)):
+                    code = meta[blk, c, r, lane]
+                    a = code & 3
+                    b = code >> 2
+                    v0 = values[blk, c, r, 0, lane]
+                    v1 = values[blk, c, r, 1, lane]
+                    at = 64 * c + 4 * lane
+                    row[at] = v0 if a == 0 else zero  # a < b: only the first kept value can sit at 0
+                    row[at + 1] = v0 if a == 1 else (v1 if b == 1 else zero)
+                    row[at + 2] = v0 if a == 2 else (v1 if b == 2 else zero)
+                    row[at + 3] = v1 if b == 3 else zero

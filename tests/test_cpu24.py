@@ -1,0 +1,102 @@
+"""The numba CPU 2:4 kernel: its layout against a direct per-group reading of the weight, and its products
+against the dense masked matmul, on both of its paths (fused for a few rows of x, expanded for more)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmprune.errors import LLMPruneError
+from llmprune.kernels import cpu24
+from llmprune.patterns import NM
+from llmprune.sparse_linear import SparseLinear
+
+pytest.importorskip("numba", reason="numba is not installed; the CPU 2:4 kernel needs it")
+
+
+def random_24(rows: int, columns: int, seed: int = 0) -> torch.Tensor:
+    weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed))
+    return weight * NM(2, 4).keep_mask(weight.abs())
+
+
+def reference_layout(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group by group into the panels: the non-zeros in order, padded with the lowest free positions when
+    fewer than two; groups past in/4 up to a multiple of 16 are padding (code 255, values 0)."""
+    rows, columns = weight.shape
+    chunks = -(-columns // 64)
+    values = torch.zeros(rows // 4, chunks, 4, 2, 16)
+    meta = torch.full((rows // 4, chunks, 4, 16), 255, dtype=torch.uint8)
+    for r in range(rows):
+        for g in range(columns // 4):
+            group = weight[r, 4 * g:4 * g + 4].tolist()
+            kept = [p for p in range(4) if group[p] != 0]
+            kept += [p for p in range(4) if p not in kept][:2 - len(kept)]
+            a, b = sorted(kept)
+            at = (r // 4, g // 16, r % 4)
+            values[at][0, g % 16], values[at][1, g % 16] = group[a], group[b]
+            meta[at][g % 16] = a | b << 2
+    return values, meta
+
+
+def test_layout_matches_a_direct_reading_and_round_trips() -> None:
+    weight = random_24(8, 136)  # 34 groups: two full chunks of 16 and a padded one
+    weight[0, :4] = 0  # no kept value
+    weight[1, 4:8] = torch.tensor([0.0, 0.0, 0.0, 3.0])  # one kept value, in the last position
+    weight[2, 8:12] = torch.tensor([-0.0, 2.0, 0.0, 0.0])
+    values, meta = cpu24.to_cpu_layout(weight)
+    expected_values, expected_meta = reference_layout(weight)
+    assert torch.equal(values, expected_values) and torch.equal(meta, expected_meta)
+    assert values.shape == (2, 3, 4, 2, 16) and meta.dtype == torch.uint8
+    assert torch.equal(cpu24.from_cpu_layout(values, meta), weight)
+    with pytest.raises(LLMPruneError, match="2:4"):
+        cpu24.to_cpu_layout(torch.ones(4, 8))
+    with pytest.raises(LLMPruneError, match="divisible by 4"):
+        cpu24.to_cpu_layout(random_24(6, 8))
+
+
+@pytest.mark.parametrize("rows, columns, batch", [
+    (4, 16, (1,)),          # one block of four rows, one chunk mostly padding
+    (12, 256, (3,)),        # whole chunks
+    (28, 100, (2, 4)),      # several rows of x, 3-D input, a padded chunk
+    (64, 128, (cpu24.MAX_FUSED_ROWS,)),      # the last size the fused kernel takes
+    (64, 128, (cpu24.MAX_FUSED_ROWS + 1,)),  # expanded weight and a dense GEMM
+    (1024, 1024, (2,)),     # large enough to run on all threads
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_products_match_the_dense_masked_matmul(rows, columns, batch, bias) -> None:
+    weight = random_24(rows, columns, seed=rows)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(*batch, columns, generator=generator)
+    b = torch.randn(rows, generator=generator) if bias else None
+    y = cpu24.linear_24_cpu(x, *cpu24.to_cpu_layout(weight), b)
+    assert y.shape == (*batch, rows)
+    torch.testing.assert_close(y, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+
+
+def test_nan_in_a_kept_input_reaches_the_output() -> None:
+    weight = random_24(8, 16)
+    x = torch.randn(1, 16)
+    x[0, 5] = float("nan")
+    y = cpu24.linear_24_cpu(x, *cpu24.to_cpu_layout(weight))
+    uses_it = weight[:, 5] != 0
+    assert y[0, uses_it].isnan().all() and not y[0, ~uses_it].isnan().any()
+
+
+def test_sparse_linear_numba_backend_and_its_fallbacks() -> None:
+    weight = random_24(12, 64)
+    bias = torch.randn(12)
+    x = torch.randn(2, 3, 64)
+    module = SparseLinear(weight, bias, backend="numba")
+    assert module.backend == "numba" and module.fallback_reason is None
+    assert torch.equal(module.weight, weight)
+    torch.testing.assert_close(module(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+    hybrid = weight.clone()
+    hybrid[:, 16:32] = torch.randn(12, 16)  # a dense block of columns
+    split = SparseLinear(hybrid, bias, backend="numba", dense_ranges=((16, 32),))
+    assert split.backend == "numba" and torch.equal(split.weight, hybrid)
+    torch.testing.assert_close(split(x), F.linear(x, hybrid, bias), rtol=1e-5, atol=1e-4)
+    half = SparseLinear(weight.half(), backend="numba")
+    assert half.backend == "dense" and "float32" in half.fallback_reason
+    odd = SparseLinear(weight[:10], backend="numba")
+    assert odd.backend == "dense" and "multiple of 4" in odd.fallback_reason
+    assert cpu24.cpu_unavailable(weight) is None

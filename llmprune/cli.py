@@ -294,7 +294,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     import torch
 
-    from .eval.speed import POOL_BYTES, QUICK_MS, byte_ceiling, decode_benchmark, decode_table, gemm_benchmark, gemm_table, \
+    from .eval.speed import POOL_BYTES, QUICK_MS, decode_benchmark, decode_table, gemm_benchmark, gemm_table, \
         plot_speedups, sparse_copy
     from .formats.packed import is_packed_checkpoint
     from .models import ModelAdapter, load_model
@@ -320,7 +320,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     backends = ["dense"] + ([] if args.backend == "dense" else list(kernels))
     ran = sorted({m.backend for m in sparse.modules() if hasattr(m, "backend")})
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
-          f"{torch.get_num_threads()} threads, {dtype}; byte ceiling {byte_ceiling(dtype):.2f}x (2-bit positions); sparse model: "
+          f"{torch.get_num_threads()} threads, {dtype}; sparse model: "
           f"{'packed checkpoint' if packed else '2:4 magnitude copy of the dense model'}, backends run: {', '.join(ran)}")
     pool_mb = args.weight_pool_mb if args.weight_pool_mb is not None else (8 if args.quick else POOL_BYTES >> 20)
     if pool_mb < 0:

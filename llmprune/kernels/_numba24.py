@@ -23,7 +23,8 @@ def _pick(code, p0, p1, p2, p3):
     return xa, xb
 
 
-def _gemm(values, meta, x, y):
+@njit(parallel=True, **_FLAGS)
+def gemm(values, meta, x, y):
     """y[m, 4·blk + r] = Σ over groups of the two kept values times the inputs their positions name.
 
     One block of 4 output rows per iteration: its panel is one contiguous stream (what the hardware
@@ -51,9 +52,6 @@ def _gemm(values, meta, x, y):
             for r in range(4):
                 y[m, 4 * blk + r] = part[r].sum()
 
-
-gemm = njit(parallel=True, **_FLAGS)(_gemm)
-gemm_serial = njit(**_FLAGS)(_gemm)  # the same loop on one thread: small layers lose to thread start-up
 
 
 @njit(parallel=True, **_FLAGS)

@@ -28,7 +28,6 @@ from ..errors import LLMPruneError
 from ..formats.sparse24 import stored_positions
 
 MAX_FUSED_ROWS = 16  # rows of x up to which the fused kernel runs (measured: faster than expanding up to ~24)
-PARALLEL_MIN = 1 << 16  # kept values × rows of x from which the kernel runs on all threads
 LANES = 16  # groups per chunk (one AVX-512 vector of float32)
 PAD = 255  # meta code of a padding group
 
@@ -107,9 +106,7 @@ def linear_24_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     if flat.shape[0] > MAX_FUSED_ROWS:
         return F.linear(x, from_cpu_layout(values, meta, in_features), bias)
     y = torch.empty(flat.shape[0], blocks * 4, dtype=torch.float32)
-    kernels = _kernels()
-    kernel = kernels.gemm if values.numel() * flat.shape[0] >= PARALLEL_MIN else kernels.gemm_serial
-    kernel(values.numpy(), meta.numpy(), flat.contiguous().numpy(), y.numpy())
+    _kernels().gemm(values.numpy(), meta.numpy(), flat.contiguous().numpy(), y.numpy())
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], blocks * 4)

@@ -73,6 +73,14 @@ def test_products_match_the_dense_masked_matmul(rows, columns, batch, bias) -> N
     torch.testing.assert_close(y, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
 
 
+def test_wrong_input_size_is_refused() -> None:
+    values, meta = cpu24.to_cpu_layout(random_24(8, 136))
+    for columns in (132, 140, 200):  # inside the padded chunk, just past the weight, far past it
+        for rows in (1, cpu24.MAX_FUSED_ROWS + 1):  # the fused kernel and the expanded GEMM
+            with pytest.raises((LLMPruneError, RuntimeError), match="input features|shapes cannot be multiplied"):
+                cpu24.linear_24_cpu(torch.randn(rows, columns), values, meta)
+
+
 def test_nan_in_a_kept_input_reaches_the_output() -> None:
     weight = random_24(8, 16)
     x = torch.randn(1, 16)

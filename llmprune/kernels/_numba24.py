@@ -31,10 +31,15 @@ def gemm(values, meta, x, y):
     prefetcher follows best), read from memory for the first row of x and from cache for the others;
     the 4 × 16 partial sums stay in L1 until the block is done."""
     blocks, chunks = values.shape[0], values.shape[1]
+    groups = (chunks - 1) * 16  # the real groups: the last chunk's codes before its padding (255)
+    while groups < chunks * 16 and meta[0, chunks - 1, 0, groups - (chunks - 1) * 16] != 255:
+        groups += 1
+    if x.shape[1] != 4 * groups:
+        raise ValueError("the 2:4 weight takes a different number of input features")
     # the inputs as their residues mod 4 (xs[m, p, c, lane] = x[m, 4·(16c + lane) + p]), zero-padded
     xs = np.zeros((x.shape[0], 4, chunks, 16), dtype=np.float32)
     for m in range(x.shape[0]):
-        for g in range(x.shape[1] // 4):
+        for g in range(groups):
             for p in range(4):
                 xs[m, p, g // 16, g % 16] = x[m, 4 * g + p]
     acc = np.empty((blocks, 4, 16), dtype=np.float32)

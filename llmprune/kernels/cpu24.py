@@ -84,11 +84,9 @@ def _kernels():
     return _NUMBA["module"]
 
 
-def from_cpu_layout(values: torch.Tensor, meta: torch.Tensor, in_features: int | None = None) -> torch.Tensor:
-    """The inverse of ``to_cpu_layout``: the dense ``[out, in]`` weight (``in`` read off the padding
-    unless given)."""
-    if in_features is None:
-        in_features = 4 * int((meta[0, :, 0] != PAD).sum())
+def from_cpu_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``to_cpu_layout``: the dense ``[out, in]`` weight (``in`` read off the padding)."""
+    in_features = 4 * int((meta[0, :, 0] != PAD).sum())
     dense = torch.empty(values.shape[0] * 4, in_features, dtype=torch.float32)
     _kernels().expand(values.numpy(), meta.numpy(), dense.numpy())
     return dense
@@ -104,9 +102,12 @@ def linear_24_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         raise LLMPruneError(f"the numba 2:4 kernel takes float32 inputs, got {x.dtype}")
     flat = x.detach().reshape(-1, in_features)
     if flat.shape[0] > MAX_FUSED_ROWS:
-        return F.linear(x, from_cpu_layout(values, meta, in_features), bias)
+        return F.linear(x, from_cpu_layout(values, meta), bias)  # F.linear checks the sizes
     y = torch.empty(flat.shape[0], blocks * 4, dtype=torch.float32)
-    _kernels().gemm(values.numpy(), meta.numpy(), flat.contiguous().numpy(), y.numpy())
+    try:
+        _kernels().gemm(values.numpy(), meta.numpy(), flat.contiguous().numpy(), y.numpy())
+    except ValueError as exc:  # the kernel's size check (it reads x without bounds checks)
+        raise LLMPruneError(f"x has {in_features} input features: {exc}") from None
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], blocks * 4)

@@ -61,21 +61,27 @@ def gemm(values, meta, x, y):
 
 @njit(parallel=True, **_FLAGS)
 def expand(values, meta, out):
-    """The dense weight into ``out`` ``[out_features, in_features]`` (the panels without their padding)."""
+    """The dense weight into ``out`` ``[out_features, in_features]`` (the panels without their padding).
+
+    Each chunk is built as four position planes (contiguous in the 16 groups, so the selects vectorise)
+    and then interleaved into the row; writing the row directly made LLVM use scatters (1.6× slower)."""
     groups = out.shape[1] // 4
     zero = np.float32(0.0)
     for blk in prange(values.shape[0]):
+        planes = np.empty((4, 16), dtype=np.float32)
         for r in range(4):
             row = out[4 * blk + r]
             for c in range(values.shape[1]):
-                for lane in range(min(16, groups - 16 * c)):
-                    code = meta[blk, c, r, lane]
-                    a = code & 3
-                    b = code >> 2
-                    v0 = values[blk, c, r, 0, lane]
-                    v1 = values[blk, c, r, 1, lane]
-                    at = 64 * c + 4 * lane
-                    row[at] = v0 if a == 0 else zero  # a < b: only the first kept value can sit at 0
-                    row[at + 1] = v0 if a == 1 else (v1 if b == 1 else zero)
-                    row[at + 2] = v0 if a == 2 else (v1 if b == 2 else zero)
-                    row[at + 3] = v1 if b == 3 else zero
+                v0 = values[blk, c, r, 0]
+                v1 = values[blk, c, r, 1]
+                codes = meta[blk, c, r]
+                for lane in range(16):
+                    a = codes[lane] & 3
+                    b = codes[lane] >> 2
+                    planes[0, lane] = v0[lane] if a == 0 else zero  # a < b: only the first value can sit at 0
+                    planes[1, lane] = v0[lane] if a == 1 else (v1[lane] if b == 1 else zero)
+                    planes[2, lane] = v0[lane] if a == 2 else (v1[lane] if b == 2 else zero)
+                    planes[3, lane] = v1[lane] if b == 3 else zero
+                segment = row[64 * c:64 * c + 4 * min(16, groups - 16 * c)]
+                for j in range(segment.shape[0]):
+                    segment[j] = planes[j & 3, j >> 2]

@@ -295,7 +295,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from .eval.speed import POOL_BYTES, QUICK_MS, decode_benchmark, decode_table, gemm_benchmark, gemm_table, \
-        plot_speedups, sparse_copy
+        plot_speedups, sparse_backends, sparse_copy
     from .formats.packed import is_packed_checkpoint
     from .models import ModelAdapter, load_model
     from .sparse_linear import SparseLinear
@@ -316,8 +316,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     linears = ([m for m in sparse.modules() if isinstance(m, SparseLinear)] if packed
                else ModelAdapter(dense).all_linears().values())
     shapes = list(dict.fromkeys((linear.out_features, linear.in_features) for linear in linears))
-    kernels = ("semi-structured", "triton") if device.type == "cuda" else ("numba",)
-    backends = ["dense"] + ([] if args.backend == "dense" else list(kernels))
+    backends = ["dense"] + ([] if args.backend == "dense" else list(sparse_backends(device)))
     ran = sorted({m.backend for m in sparse.modules() if hasattr(m, "backend")})
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
           f"{torch.get_num_threads()} threads, {dtype}; sparse model: "

@@ -25,6 +25,9 @@ plain transformers loads, and ``formats.packed.write_packed`` re-packs it exactl
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,9 +39,18 @@ from .kernels import BACKENDS
 from .kernels.cpu24 import cpu_unavailable, from_cpu_layout, linear_24_cpu, to_cpu_layout
 from .kernels.triton24 import from_layout, linear_24, to_layout, triton_unavailable
 
-# Kernels that keep (values, meta) in a layout of their own: why not, to layout, from layout, y = x·Wᵀ + b.
-LAYOUT_KERNELS = {"triton": (triton_unavailable, to_layout, from_layout, linear_24),
-                  "numba": (cpu_unavailable, to_cpu_layout, from_cpu_layout, linear_24_cpu)}
+
+
+class LayoutKernel(NamedTuple):
+    """A backend that keeps ``(values, meta)`` in a layout of its own."""
+    unavailable: Callable  # weight → why it cannot run it, or None
+    to_layout: Callable  # dense 2:4 weight, name → (values, meta)
+    from_layout: Callable  # values, meta → dense weight
+    linear: Callable  # x, values, meta, bias → x·Wᵀ + b
+
+
+LAYOUT_KERNELS = {"triton": LayoutKernel(triton_unavailable, to_layout, from_layout, linear_24),
+                  "numba": LayoutKernel(cpu_unavailable, to_cpu_layout, from_cpu_layout, linear_24_cpu)}
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -137,10 +149,10 @@ class SparseLinear(nn.Module):
         if requested == "auto" and weight.device.type == "cpu":
             requested = "numba"
         if requested in LAYOUT_KERNELS:
-            unavailable, layout = LAYOUT_KERNELS[requested][:2]
-            reason = unavailable(weight)
+            layout_kernel = LAYOUT_KERNELS[requested]
+            reason = layout_kernel.unavailable(weight)
             if reason is None:
-                values, self.meta = layout(weight, self.name)
+                values, self.meta = layout_kernel.to_layout(weight, self.name)
                 self.kernel = nn.Parameter(values, requires_grad=False)
                 self.backend, self.fallback_reason = requested, None
                 return
@@ -174,7 +186,7 @@ class SparseLinear(nn.Module):
         if self.backend == "dense":
             return self.kernel.T if self._conv_layout else self.kernel
         if self.backend in LAYOUT_KERNELS:
-            return LAYOUT_KERNELS[self.backend][2](self.kernel, self.meta)
+            return LAYOUT_KERNELS[self.backend].from_layout(self.kernel, self.meta)
         return self.kernel.to_dense()
 
     @property
@@ -191,7 +203,7 @@ class SparseLinear(nn.Module):
     def _sparse_product(self, x: torch.Tensor) -> torch.Tensor:
         """``x``'s 2:4 part times the 2:4 weight, plus the bias, on the kernel's backend."""
         if self.backend in LAYOUT_KERNELS:
-            return LAYOUT_KERNELS[self.backend][3](x, self.kernel, self.meta, self.bias)
+            return LAYOUT_KERNELS[self.backend].linear(x, self.kernel, self.meta, self.bias)
         if self.backend == "semi-structured":
             x = x.contiguous()
         return F.linear(x, self.kernel, self.bias)

@@ -16,7 +16,7 @@ import platform
 
 import torch
 
-from llmprune.eval.speed import POOL_BYTES, gemm_benchmark, gemm_table
+from llmprune.eval.speed import POOL_BYTES, gemm_benchmark, gemm_table, sparse_backends
 
 SMOLLM2 = "576x576,192x576,1536x576,576x1536"
 LLAMA_7B = "4096x4096,11008x4096,4096x11008"
@@ -38,14 +38,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
-    backends = args.backends.split(",") if args.backends else (
-        ["semi-structured", "triton"] if device.type == "cuda" else ["numba"])
+    try:
+        shapes = [(int(out), int(inp)) for out, inp in (shape.split("x") for shape in args.shapes.split(","))]
+        ms = tuple(int(m) for m in args.ms.split(","))
+    except ValueError:
+        parser.error(f"--shapes takes OUTxIN,... and --ms integers; got {args.shapes!r} and {args.ms!r}")
+    backends = args.backends.split(",") if args.backends else list(sparse_backends(device))
     dtype = getattr(torch, args.dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"{name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {dtype}, "
           f"weights rotate through {args.pool_mb} MiB per shape")
-    rows = gemm_benchmark(shapes, tuple(int(m) for m in args.ms.split(",")), ["dense", *backends], dtype, device,
+    rows = gemm_benchmark(shapes, ms, ["dense", *backends], dtype, device,
                           repeats=args.repeats, pool_bytes=args.pool_mb << 20)
     print(gemm_table(rows))
     if args.json:

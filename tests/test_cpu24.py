@@ -81,6 +81,12 @@ def test_wrong_input_size_is_refused() -> None:
                 cpu24.linear_24_cpu(torch.randn(rows, columns), values, meta)
 
 
+def test_other_devices_are_refused() -> None:
+    values, meta = cpu24.to_cpu_layout(random_24(8, 64))
+    with pytest.raises(LLMPruneError, match="runs on CPU"):
+        cpu24.linear_24_cpu(torch.randn(1, 64, device="meta"), values, meta)
+
+
 def test_nan_in_a_kept_input_reaches_the_output() -> None:
     weight = random_24(8, 16)
     x = torch.randn(1, 16)

@@ -35,6 +35,11 @@ POOL_BYTES = 256 << 20  # weight copies per shape in the GEMM benchmark: beyond 
 METADATA_BITS = {"semi-structured": 1, "triton": 1, "numba": 2}
 
 
+def sparse_backends(device: torch.device) -> tuple[str, ...]:
+    """The sparse backends worth timing on ``device``."""
+    return ("semi-structured", "triton") if device.type == "cuda" else ("numba",)
+
+
 def byte_ceiling(dtype: torch.dtype, backend: str = "triton") -> float:
     """Most a memory-bound 2:4 GEMV can gain over dense: dense bytes / (kept values + metadata)."""
     if backend == "dense":

@@ -64,7 +64,7 @@ def expand(values, meta, out):
     """The dense weight into ``out`` ``[out_features, in_features]`` (the panels without their padding).
 
     Each chunk is built as four position planes (contiguous in the 16 groups, so the selects vectorise)
-    and then interleaved into the row; writing the row directly made LLVM use scatters (1.6× slower)."""
+    and then interleaved into the row; writing the row directly made LLVM use scatters, which were slower."""
     groups = out.shape[1] // 4
     zero = np.float32(0.0)
     for blk in prange(values.shape[0]):

@@ -98,6 +98,9 @@ def linear_24_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     (inference only: no gradient flows through the fused kernel)."""
     blocks = values.shape[0]
     in_features = x.shape[-1]
+    if values.device.type != "cpu" or x.device.type != "cpu":
+        raise LLMPruneError(f"the numba 2:4 kernel runs on CPU (weight on {values.device.type}, x on "
+                            f"{x.device.type}); load the checkpoint on the target device with backend='auto'")
     if x.dtype != torch.float32:
         raise LLMPruneError(f"the numba 2:4 kernel takes float32 inputs, got {x.dtype}")
     flat = x.detach().reshape(-1, in_features)

@@ -1,12 +1,14 @@
 """llmprune: post-training pruning for LLMs, from a Hugging Face checkpoint to a sparse one."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: E402
 from . import eval  # noqa: E402
+from .checkpoint import save  # noqa: E402
 from .errors import LLMPruneError  # noqa: E402
-from .formats import save  # noqa: E402
-from .models import load_model as load  # noqa: E402
+from .loading import load  # noqa: E402
 from .pipeline import prune  # noqa: E402
+from .recipe import Recipe  # noqa: E402
+from .report import PruneReport  # noqa: E402
+from .state import state  # noqa: E402
 
-__all__ = ["LLMPruneError", "eval", "load", "prune", "save", "__version__"]
+__all__ = ["LLMPruneError", "PruneReport", "Recipe", "eval", "load", "prune", "save", "state", "__version__"]

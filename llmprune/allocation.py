@@ -1,4 +1,13 @@
-"""Per-layer sparsity targets: uniform, or OWL (Yin et al., 2024, "Outlier Weighed Layerwise sparsity").
+"""Which pattern each linear gets: allocation strategies, each owning its statistics pre-pass.
+
+- ``Uniform``: the recipe's pattern everywhere.
+- ``OWL`` (Yin et al., 2024, "Outlier Weighed Layerwise sparsity"): per-layer unstructured sparsities
+  from a pre-pass over the dense model (below).
+- ``HybridBudget``: the sparse-dense split's dense blocks per linear (``llmprune.hybrid``), either the
+  same fraction in every linear or one model-wide budget from a pre-pass over the dense model.
+
+Lifecycle, driven by the pipeline: ``prepare`` (the pre-pass, if any, through the same streaming
+engine) → ``pattern_for`` for each linear during the main pass → ``record`` for the report.
 
 OWL gives decoder layers with more activation outliers a LOWER sparsity and the others a higher
 one, keeping the model's overall sparsity at the target:
@@ -19,12 +28,15 @@ then below 2λ. OWL is for unstructured sparsity only: an N:M pattern fixes ever
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from .errors import LLMPruneError
-from .patterns import Pattern, Unstructured
+from . import hybrid, stream
+from .adapter import ModelAdapter, Prunable
+from .patterns import NM, Hybrid, Pattern, Unstructured
+from .stats import SQ_NORM, InputStats
 
 
 def outlier_ratio(weights_and_norms: Iterable[tuple[torch.Tensor, torch.Tensor]], m: float = 5.0) -> float:
@@ -54,14 +66,6 @@ def outlier_ratio(weights_and_norms: Iterable[tuple[torch.Tensor, torch.Tensor]]
         raise LLMPruneError("the Wanda scores of a layer hold NaN or Inf; cannot compute its outlier ratio")
     limit = m * total / count
     return sum(int((scores(w, n) > limit).sum()) for w, n in pairs) / count
-
-
-def uniform(n_layers: int, target: float) -> list[float]:
-    """Every layer at ``target``."""
-    _check_target(target, 1.0)
-    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 0:
-        raise LLMPruneError(f"uniform allocation needs a non-negative number of layers; got {n_layers!r}")
-    return [float(target)] * n_layers
 
 
 def owl_sparsities(ratios: Sequence[float], target: float, lam: float = 0.08, *,
@@ -127,17 +131,126 @@ def _check_target(target: float, ceiling: float) -> None:
         raise LLMPruneError(f"target sparsity must be in [0, {ceiling:g}] (and below 1); got {target!r}")
 
 
-ALLOCATIONS: dict[str, Callable[..., list[float]]] = {"uniform": uniform, "owl": owl_sparsities}
-NEEDS_OUTLIER_RATIOS = frozenset({"owl"})  # allocations that need a statistics pre-pass (``outlier_ratio`` per layer)
 
 
-def check_allocation(name: str, pattern: Pattern) -> None:
-    """Fail early, before any calibration, on an unknown allocation or one the pattern cannot take."""
+class Uniform:
+    """The recipe's pattern for every linear; no pre-pass."""
+
+    needs: frozenset[str] = frozenset()
+
+    def __init__(self, pattern: Pattern) -> None:
+        self.pattern = pattern
+
+    def prepare(self, adapter: ModelAdapter, tokens: torch.Tensor, pruner, stream_options: dict) -> None:
+        """Nothing to measure first."""
+
+    def pattern_for(self, index: int, name: str, original: torch.Tensor, stats: InputStats | None) -> Pattern:
+        return self.pattern
+
+    def record(self) -> dict:
+        return {"allocation": {"name": "uniform"}}
+
+
+class OWL:
+    """Per-layer unstructured sparsities from each layer's outlier ratio of Wanda scores on the dense model."""
+
+    needs: frozenset[str] = frozenset()
+
+    def __init__(self, pattern: Pattern, lam: float = 0.08, m: float = 5.0) -> None:
+        if not isinstance(pattern, Unstructured):
+            raise LLMPruneError(
+                f"OWL allocates unstructured sparsity per layer; N:M fixes it at 1-N/M (pattern {pattern} is "
+                f"{pattern.target_sparsity:g} in every layer). Use --allocation uniform with {pattern}, "
+                f"or OWL with an unstructured --sparsity."
+            )
+        _check_target(pattern.sparsity, 0.99)
+        if not 0 <= lam < float("inf"):
+            raise LLMPruneError(f"OWL lambda must be a non-negative number (e.g. 0.08); got {lam!r}")
+        if not m > 0:
+            raise LLMPruneError(f"OWL outlier multiple M must be positive (e.g. 5); got {m!r}")
+        self.pattern, self.lam, self.m = pattern, lam, m
+        self.ratios: list[float] = []
+        self.sparsities: list[float] = []
+
+    def prepare(self, adapter: ModelAdapter, tokens: torch.Tensor, pruner, stream_options: dict) -> None:
+        """The pre-pass: each layer's outlier ratio on the dense model, then the sparsities."""
+        ratios: list[float] = []
+
+        def collect(index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> None:
+            ratios.append(outlier_ratio([(p.weight.float(), stats[n].channel_norm) for n, p in linears.items()], self.m))
+
+        stream.layerwise(adapter, tokens, collect, needs=frozenset({SQ_NORM}), measure_error=False, rewrites=False,
+                         desc="OWL outlier ratios", **stream_options)
+        self.ratios = ratios
+        self.sparsities = owl_sparsities(ratios, self.pattern.sparsity, self.lam)
+
+    def pattern_for(self, index: int, name: str, original: torch.Tensor, stats: InputStats | None) -> Pattern:
+        return Unstructured(self.sparsities[index])
+
+    def record(self) -> dict:
+        return {"allocation": {"name": "owl", "lam": self.lam, "m": self.m,
+                               "outlier_ratios": [round(r, 6) for r in self.ratios],
+                               "sparsities": [round(s, 6) for s in self.sparsities]}}
+
+
+class HybridBudget:
+    """The dense blocks of each linear under a hybrid split: ``select`` ranks a linear's blocks from the
+    base pruner's plain N:M result (``hybrid.rank_blocks``); ``budget`` ``uniform`` keeps the same
+    fraction in every linear, ``global`` spends one model-wide budget, ranked in a dense pre-pass."""
+
+    def __init__(self, split: Hybrid, select: str = "error", budget: str = "uniform") -> None:
+        self.needs = hybrid.needs(select)
+        hybrid.check_budget(budget)
+        self.split, self.select, self.budget = split, select, budget
+        self.pruner = None
+        self.dense_counts: dict[str, int] | None = None
+
+    def prepare(self, adapter: ModelAdapter, tokens: torch.Tensor, pruner, stream_options: dict) -> None:
+        """Keep the base pruner (the blocks are ranked on its result); for the global budget, rank every
+        linear's blocks on the dense model first and share out the budget."""
+        self.pruner = pruner
+        if self.budget != "global":
+            return
+        rankings: dict[str, hybrid.Ranking] = {}
+
+        def collect(index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> None:
+            for name, linear in linears.items():
+                original = linear.weight.float()
+                rankings[name] = self._ranking(original, stats[name])
+
+        stream.layerwise(adapter, tokens, collect, needs=pruner.needs | self.needs, measure_error=False, rewrites=False,
+                         desc="hybrid dense budget", hessian_dtype=getattr(pruner, "hessian_dtype", torch.float32),
+                         **stream_options)
+        self.dense_counts = hybrid.allocate_global(rankings, self.split.dense_fraction)
+
+    def _ranking(self, original: torch.Tensor, stats: InputStats | None) -> hybrid.Ranking:
+        base = self.pruner.prune(original.clone(), stats, NM(self.split.n, self.split.m))
+        return hybrid.rank_blocks(original, base.weight, stats, self.split, self.select)
+
+    def pattern_for(self, index: int, name: str, original: torch.Tensor, stats: InputStats | None) -> NM:
+        """N:M with this linear's chosen dense blocks."""
+        count = self.dense_counts[name] if self.dense_counts is not None else self.split.uniform_count(original.shape[1])
+        if count == 0:
+            return NM(self.split.n, self.split.m)
+        return self.split.region(self._ranking(original, stats).blocks[:count])
+
+    def record(self) -> dict:
+        return {"allocation": {"name": "uniform"},
+                "hybrid": {"dense_fraction": self.split.dense_fraction, "block": self.split.block,
+                           "select": self.select, "budget": self.budget}}
+
+
+Allocation = Uniform | OWL | HybridBudget
+ALLOCATIONS = ("uniform", "owl")
+
+
+def make_allocation(name: str, pattern: Pattern, *, owl_lambda: float = 0.08, owl_m: float = 5.0,
+                    hybrid_select: str = "error", hybrid_budget: str = "uniform") -> Allocation:
+    """The strategy for ``--allocation NAME`` and the pattern (a hybrid pattern brings its own)."""
     if name not in ALLOCATIONS:
         raise LLMPruneError(f"unknown allocation {name!r}; choose one of {', '.join(sorted(ALLOCATIONS))}")
-    if name == "owl" and not isinstance(pattern, Unstructured):
-        raise LLMPruneError(
-            f"OWL allocates unstructured sparsity per layer; N:M fixes it at 1-N/M (pattern {pattern} is "
-            f"{pattern.target_sparsity:g} in every layer). Use --allocation uniform with {pattern}, "
-            f"or OWL with an unstructured --sparsity."
-        )
+    if name == "owl":
+        return OWL(pattern, owl_lambda, owl_m)
+    if isinstance(pattern, Hybrid):
+        return HybridBudget(pattern, hybrid_select, hybrid_budget)
+    return Uniform(pattern)

@@ -49,20 +49,28 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
                         help="score only the first N documents of each task (a fraction < 1 takes that share)")
     parser.add_argument("--data-dir", default=None,
                         help="folder of the task .jsonl files (default $LLMPRUNE_SHARED/data/tasks, i.e. ../shared/data/tasks)")
-    parser.add_argument("--tasks-dir", default=None, help="folder of lm-eval task configs (default eval/tasks of the checkout)")
+    parser.add_argument("--tasks-dir", default=None, help="folder of lm-eval task configs (default: the ones llmprune ships, llmprune/eval/tasks)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .eval.speed import GEMM_MS
 
     from .pruners import PRUNERS
+    from .versions import VersionAction
 
     parser = argparse.ArgumentParser(prog="llmprune", description="Post-training pruning for LLMs.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=VersionAction,
+                        help="print the versions of llmprune, torch, transformers and lm-eval, whether the numba and "
+                             "triton kernels and CUDA are usable here, and exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
     prune = commands.add_parser("prune", help="prune a model layer by layer and save it",
-                                description="Prune a causal LM one decoder layer at a time on calibration text and save the result.")
+                                description="Prune a causal LM one decoder layer at a time on calibration text and save the "
+                                            "result. A local safetensors checkpoint directory is pruned out of core: "
+                                            "its layers are read from the shards, pruned and written one at a time, "
+                                            "so the model need not fit in memory. A .gguf file or a Hub id is loaded "
+                                            "whole first (GGUF tensors are dequantized together by transformers).")
     prune.add_argument("model", help="local HF directory, .gguf file or directory, or a Hub id")
     prune.add_argument("--method", default="wanda", help=f"one of: {', '.join(sorted(PRUNERS))} (default wanda)")
     prune.add_argument("--pattern", default=None, help="'unstructured' (default), N:M such as 2:4 or 4:8 (N kept of every M), "
@@ -101,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto (default): 2:4 and hybrid packed, other patterns dense safetensors; bitmask: other "
                             "patterns in the legacy compressed-tensors sparse-bitmask layout (smaller files, loads dense)")
     prune.add_argument("--out", required=True, help="output directory (written atomically)")
+    prune.add_argument("--in-memory", dest="in_memory", action="store_true",
+                       help="load the whole model first even when MODEL is a safetensors checkpoint directory "
+                            "(by default those are pruned out of core: one decoder layer in memory at a time)")
+    prune.add_argument("--offload-activations", dest="offload_activations", default=None, metavar="DIR",
+                       help="keep the calibration activations between layers in a memory-mapped file under DIR "
+                            "instead of RAM")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     _add_common(prune)
 
@@ -171,54 +185,71 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_prune(args: argparse.Namespace) -> None:
-    from . import models
-    from .formats import save
-    from .formats.checkpoint import check_output_dir, check_storage
-    from .patterns import parse_pattern
-    from .pipeline import prune
-    from .allocation import check_allocation
-    from .pruners import make_pruner, make_refiner
+def recipe_from_args(args: argparse.Namespace):
+    """The ``Recipe`` of ``llmprune prune``'s flags; building it validates all of them."""
+    from .recipe import Recipe
 
     options = {k: getattr(args, k) for k in PRUNER_OPTIONS if getattr(args, k) is not None}
     refine_options = {k.removeprefix("dsnot_"): getattr(args, k) for k in REFINE_OPTIONS if getattr(args, k) is not None}
     if "skip" in refine_options:
         refine_options["skip"] = tuple(part for part in refine_options["skip"].split(",") if part)
-    if refine_options and not args.refine:
-        raise LLMPruneError("--dsnot-* options need --refine dsnot")
-    make_pruner(args.method, **options)
-    if args.refine:
-        make_refiner(args.refine, **refine_options)
-    pattern = parse_pattern(args.pattern, args.sparsity, args.dense_fraction, args.hybrid_block)
-    check_allocation(args.allocation, pattern)
-    check_storage(args.storage, str(pattern))
+    return Recipe.build(args.method, args.pattern, args.sparsity, refine=args.refine, refine_options=refine_options,
+                        allocation=args.allocation, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
+                        dense_fraction=args.dense_fraction, hybrid_select=args.hybrid_select,
+                        hybrid_budget=args.hybrid_budget, hybrid_block=args.hybrid_block, calib=args.calib,
+                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, **options)
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from . import distributed
+    from .checkpoint import check_output_dir, check_storage, save
+    from .loading import is_safetensors_checkpoint, load_pretrained
+    from .pipeline import prune, prune_checkpoint
+    from .resources import peak_rss_mb
+    from .state import state
+
+    recipe = recipe_from_args(args)
+    check_storage(args.storage, recipe.pattern)
     check_output_dir(args.out, args.overwrite)
-    model, tokenizer = models.load(args.model, args.dtype)
-    prune(model, method=args.method, pattern=args.pattern, sparsity=args.sparsity, calib=args.calib,
-          nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
-          batch_size=args.batch_size, tokenizer=tokenizer, progress=not args.quiet, refine=args.refine,
-          refine_options=refine_options, allocation=args.allocation, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
-          dense_fraction=args.dense_fraction, hybrid_select=args.hybrid_select, hybrid_budget=args.hybrid_budget,
-          hybrid_block=args.hybrid_block, **options)
-    summary = model.llmprune_report["summary"]
-    save(model.to("cpu"), args.out, tokenizer=tokenizer, overwrite=args.overwrite, storage=args.storage)
-    dense = f" ({summary['dense_fraction']:.3f} of them in dense regions)" if summary["dense_fraction"] else ""
-    print(f"pruned {args.model} with {args.method} {model.llmprune_report['recipe']['pattern']}: "
-          f"sparsity {summary['sparsity']:.4f} of {summary['prunable_params']:,} prunable weights{dense} "
-          f"in {summary['seconds']:.1f} s; saved to {args.out}")
+    distributed.init_from_env(args.device)
+    options = {"device": args.device, "batch_size": args.batch_size, "progress": not args.quiet,
+               "offload_activations": args.offload_activations}
+    out_of_core = is_safetensors_checkpoint(args.model) and not args.in_memory
+    if out_of_core:
+        report = prune_checkpoint(args.model, args.out, recipe, dtype=args.dtype, overwrite=args.overwrite,
+                                  storage=args.storage, **options)
+    else:
+        model, tokenizer = load_pretrained(args.model, args.dtype)
+        prune(model, recipe=recipe, **options)
+        report = state(model).report
+        if distributed.is_leader():
+            save(model.to("cpu"), args.out, tokenizer=tokenizer, overwrite=args.overwrite, storage=args.storage)
+    leader, ranks = distributed.is_leader(), distributed.world()
+    distributed.finish()
+    if not leader:
+        return
+    summary = report.summary
+    dense = f" ({summary.dense_fraction:.3f} of them in dense regions)" if summary.dense_fraction else ""
+    print(f"pruned {args.model} with {args.method} {report.recipe.pattern}: "
+          f"sparsity {summary.sparsity:.4f} of {summary.prunable_params:,} prunable weights{dense} "
+          f"in {summary.seconds:.1f} s; saved to {args.out}")
+    print(f"{'out-of-core (one decoder layer in memory at a time)' if out_of_core else 'in memory'}"
+          f"{f', data-parallel over {ranks} processes' if ranks > 1 else ''}; peak RSS of this process "
+          f"{peak_rss_mb() / 1024:.2f} GiB")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .eval import perplexity
     from .eval.harness import check_data, describe_tasks, evaluate_tasks, resolve_tasks
     from .eval.report import result_record
-    from .models import load_model
+    from .loading import load
+    from .state import state
 
     if args.tasks:  # a bad task name or missing data fails before the model loads
         check_data(resolve_tasks(args.tasks, args.tasks_dir), args.data_dir)
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-    reasons = Counter(getattr(model, "llmprune_fallbacks", {}).values())
+    model = load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    reasons = Counter(state(model).fallbacks.values())
     for reason, count in reasons.items():
         print(f"{count} packed linear(s) run on the exact dense path: {reason}", file=sys.stderr)
     ppl = args.ppl or (None if args.tasks else "wikitext2")
@@ -235,10 +266,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(result_record(args.model, ppl_result, task_result), indent=1))
 
 
-def linear_sizes(directory: Path, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
-    """(bytes on disk, bytes if stored dense) per linear (``shapes``: name → [out, in]), from the
-    safetensors headers alone; works for dense, packed 2:4, hybrid and sparse-bitmask storage."""
-    from .formats.packed import _ST_SIZES, read_layout
+def linear_sizes(directory: Path, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """(bytes on disk, bytes if stored dense) per linear (``shapes``: name → (out, in)), from the
+    safetensors headers alone; works for every storage format."""
+    from .checkpoint.safetensors import ST_SIZES, read_layout
 
     layout = read_layout(directory)
     sizes = {}
@@ -246,37 +277,37 @@ def linear_sizes(directory: Path, shapes: dict[str, list[int]]) -> dict[str, tup
         keys = {k.removeprefix(name + "."): info for k, info in layout.items() if k.startswith(name + ".")}
         values = keys.get("weight") or keys.get("compressed")
         bias = keys.get("bias")
-        dense = out_features * in_features * _ST_SIZES[values.dtype] + (bias.end - bias.start if bias else 0)
+        dense = out_features * in_features * ST_SIZES[values.dtype] + (bias.end - bias.start if bias else 0)
         sizes[name] = (sum(info.end - info.start for info in keys.values()), dense)
     return sizes
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .formats import read_report
+    from .checkpoint import read_report
 
     directory = Path(args.directory)
     report = read_report(directory)
-    recipe, summary = report["recipe"], report["summary"]
-    calib = recipe["calibration"]
-    print(f"{directory}: {recipe['method']} {recipe['pattern']} from {recipe.get('source')}")
+    recipe, summary = report.recipe, report.summary
+    calib = recipe.calibration
+    print(f"{directory}: {recipe.method} {recipe.pattern} from {recipe.source}")
     print(f"calibration: {calib['spec']}, {calib['nsamples']} x {calib['seqlen']} tokens, seed {calib['seed']}")
-    phases = ", ".join(f"{k} {v} s" for k, v in summary.get("phase_seconds", {}).items())
-    dense = f" ({summary['dense_fraction']:.3f} of them in dense regions)" if summary.get("dense_fraction") else ""
-    print(f"sparsity {summary['sparsity']:.4f} over {summary['prunable_params']:,} prunable weights{dense}, "
-          f"pruned in {summary['seconds']} s ({phases})")
-    sizes = linear_sizes(directory, {layer["name"]: layer["shape"] for layer in report["layers"]})
+    phases = ", ".join(f"{k} {v} s" for k, v in summary.phase_seconds.items())
+    dense = f" ({summary.dense_fraction:.3f} of them in dense regions)" if summary.dense_fraction else ""
+    print(f"sparsity {summary.sparsity:.4f} over {summary.prunable_params:,} prunable weights{dense}, "
+          f"pruned in {summary.seconds} s ({phases})")
+    sizes = linear_sizes(directory, {layer.name: layer.shape for layer in report.layers})
     files = sorted(directory.glob("*.safetensors"))
     on_disk = sum(f.stat().st_size for f in files)
     dense_total = on_disk + sum(dense - disk for disk, dense in sizes.values())
     print(f"size on disk: {on_disk / 2**20:.2f} MiB in {len(files)} safetensors file(s); dense would be "
           f"{dense_total / 2**20:.2f} MiB ({on_disk / dense_total:.3f} of dense)")
-    width = max(len(layer["name"]) for layer in report["layers"])
+    width = max(len(layer.name) for layer in report.layers)
     print(f"{'linear':<{width}}  {'shape':>11}  {'sparsity':>8}  {'rel_error':>9}  {'KiB':>8}  {'of dense':>8}")
-    for layer in report["layers"]:
-        shape = "x".join(map(str, layer["shape"]))
-        error = "-" if layer["rel_error"] is None else f"{layer['rel_error']:.4f}"
-        disk, dense = sizes[layer["name"]]
-        print(f"{layer['name']:<{width}}  {shape:>11}  {layer['sparsity']:>8.4f}  {error:>9}  {disk / 1024:>8.1f}  {disk / dense:>8.3f}")
+    for layer in report.layers:
+        shape = "x".join(map(str, layer.shape))
+        error = "-" if layer.rel_error is None else f"{layer.rel_error:.4f}"
+        disk, dense = sizes[layer.name]
+        print(f"{layer.name:<{width}}  {shape:>11}  {layer.sparsity:>8.4f}  {error:>9}  {disk / 1024:>8.1f}  {disk / dense:>8.3f}")
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -294,12 +325,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     import torch
 
+    from .adapter import ModelAdapter
+    from .checkpoint import is_packed_checkpoint
+    from .device import resolve_device
     from .eval.speed import POOL_BYTES, QUICK_MS, decode_benchmark, decode_table, gemm_benchmark, gemm_table, \
-        plot_speedups, sparse_backends, sparse_copy
-    from .formats.packed import is_packed_checkpoint
-    from .models import ModelAdapter, load_model
+        plot_speedups, sparse_copy
+    from .kernels import sparse_backends
+    from .loading import load
     from .sparse_linear import SparseLinear
-    from .stream import resolve_device
 
     ms = list(QUICK_MS) if args.quick else _int_list(args.ms, "--ms")
     batch_sizes = [1] if args.quick else _int_list(args.batch_sizes, "--batch-sizes")
@@ -309,8 +342,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise LLMPruneError(f"{flag} must be a positive integer; got {value}")
     device = resolve_device(args.device)
     packed = Path(args.model).is_dir() and is_packed_checkpoint(args.model)
-    dense = load_model(args.model, device=device, dtype=args.dtype, backend="dense")
-    sparse = (load_model(args.model, device=device, dtype=args.dtype, backend=args.backend) if packed
+    dense = load(args.model, device=device, dtype=args.dtype, backend="dense")
+    sparse = (load(args.model, device=device, dtype=args.dtype, backend=args.backend) if packed
               else sparse_copy(dense, args.backend))
     dtype = next(p.dtype for p in dense.parameters() if p.is_floating_point())
     linears = ([m for m in sparse.modules() if isinstance(m, SparseLinear)] if packed
@@ -353,7 +386,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .formats.checkpoint import export_dense
+    from .checkpoint import export_dense
 
     out = export_dense(args.directory, args.dense, overwrite=args.overwrite)
     print(f"wrote a dense checkpoint of {args.directory} to {out}")

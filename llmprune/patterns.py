@@ -198,3 +198,19 @@ def parse_pattern(pattern: str | None, sparsity: float | None, dense_fraction: f
             f"pattern {nm} fixes the sparsity at {nm.target_sparsity:g}; drop --sparsity {sparsity:g} or change the pattern"
         )
     return nm
+
+
+def parse_recorded(text: str, hybrid: dict | None = None) -> Pattern:
+    """The pattern a report records as ``str(pattern)`` (``2:4``, ``unstructured:0.5``, ``hybrid:2:4``;
+    a hybrid split's fraction and block come from the report's ``hybrid`` section)."""
+    if text.startswith("unstructured:"):
+        return Unstructured(float(text.removeprefix("unstructured:")))
+    if text.startswith("hybrid:"):
+        settings = hybrid or {}
+        return parse_pattern(text, None, settings.get("dense_fraction"), settings.get("block", 64))
+    return parse_pattern(text, None)
+
+
+def is_24_pattern(pattern: Pattern) -> bool:
+    """A 2:4 pattern, plain or as the sparse part of a hybrid split: what checkpoints store packed."""
+    return isinstance(pattern, (NM, Hybrid)) and (pattern.n, pattern.m) == (2, 4)

@@ -1,190 +1,216 @@
-"""The public ``prune`` entry point: load, draw calibration data, stream, prune, report."""
+"""Pruning a model: calibration tokens → the streaming engine → a pruner per linear → a ``PruneReport``.
+
+Lifecycle of ``run``, in order:
+  1. the allocation strategy's pre-pass, if it has one (OWL, the global hybrid budget);
+  2. the main pass (``stream.layerwise``): for each decoder layer, the statistics the recipe needs,
+     then ``prune_layer``: for each linear, the strategy's pattern, the pruner, the refiner, a check
+     that the result fits the pattern, the weight written back;
+  3. the report, from the per-layer records of the engine.
+``prune`` is the public entry point: it builds the ``Recipe``, loads the model and draws the tokens.
+"""
 from __future__ import annotations
 
 import os
-import platform
+import shutil
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import __version__, hybrid, models, stream
-from . import calib as calibration
+from . import distributed, stream
+from .adapter import ModelAdapter, Prunable, check_seqlen
+from .device import resolve_device
 from .errors import LLMPruneError
-from .models import ModelAdapter, Prunable
-from .patterns import NM, Hybrid, Pattern, Unstructured, parse_pattern
-from .allocation import check_allocation, outlier_ratio, owl_sparsities
-from .pruners import Pruned, make_pruner, make_refiner
-from .stats import SQ_NORM, InputStats
+from .checkpoint import check_output_dir, check_storage, storage_plan_for
+from .checkpoint.directory import atomic_output_dir
+from .checkpoint.writer import CheckpointWriter
+from .loading import CheckpointSource, load_pretrained
+from .patterns import Hybrid
+from .pruners import Pruned
+from .recipe import Recipe
+from .report import LinearRecord, PruneReport, Summary
+from .state import state
+from .stats import InputStats
 
 
-def max_positions(model: nn.Module) -> int | None:
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+def prune_layer(recipe: Recipe, index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> dict[str, dict]:
+    """Prune every linear of decoder layer ``index`` in place; per-linear facts for the report."""
+    info = {}
+    for name, linear in linears.items():
+        clock = time.perf_counter()
+        original = linear.weight.float().clone()
+        pattern = recipe.allocation.pattern_for(index, name, original, stats.get(name))
+        result = recipe.pruner.prune(original.clone(), stats.get(name), pattern)
+        if recipe.refiner is not None and recipe.refiner.applies_to(name):
+            refined = recipe.refiner.refine(original, result.weight, stats[name], pattern)
+            result = Pruned(refined.weight, {**result.info, **refined.info})
+        bad = pattern.violations(result.weight)
+        if bad:
+            raise RuntimeError(f"{recipe.method} produced a weight for {name} that breaks {pattern} in {bad} rows/groups")
+        linear.set_weight(result.weight)
+        info[name] = {"seconds": round(time.perf_counter() - clock, 4), **result.info}
+        if isinstance(recipe.pattern, Hybrid):  # every linear of a split says where its dense columns are
+            info[name]["dense_columns"] = [list(r) for r in pattern.dense]
+    return info
 
 
-def owl_outlier_ratios(adapter: ModelAdapter, tokens: torch.Tensor, m: float, **stream_options) -> list[float]:
-    """OWL's statistics pre-pass: each layer's outlier ratio of Wanda scores on the dense model."""
-    ratios: list[float] = []
-
-    def collect(index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> None:
-        ratios.append(outlier_ratio([(p.weight.float(), stats[n].channel_norm) for n, p in linears.items()], m))
-
-    stream.layerwise(adapter, tokens, collect, needs=frozenset({SQ_NORM}), measure_error=False,
-                     desc="OWL outlier ratios", **stream_options)
-    return ratios
-
-
-def hybrid_rankings(adapter: ModelAdapter, tokens: torch.Tensor, pruner, split: Hybrid, strategy: str,
-                    **stream_options) -> dict[str, hybrid.Ranking]:
-    """The global dense budget's pre-pass: every linear's block ranking on the dense model."""
-    rankings: dict[str, hybrid.Ranking] = {}
-    plain = NM(split.n, split.m)
-
-    def collect(index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> None:
-        for name, linear in linears.items():
-            original = linear.weight.float()
-            base = pruner.prune(original.clone(), stats.get(name), plain)
-            rankings[name] = hybrid.rank_blocks(original, base.weight, stats[name], split, strategy)
-
-    stream.layerwise(adapter, tokens, collect, needs=pruner.needs | hybrid.needs(strategy), measure_error=False,
-                     desc="hybrid dense budget", hessian_dtype=getattr(pruner, "hessian_dtype", torch.float32),
-                     **stream_options)
-    return rankings
-
-
-def check_seqlen(model: nn.Module, seqlen: int) -> None:
-    limit = max_positions(model)
-    if limit is not None and seqlen > limit:
-        raise LLMPruneError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}; use --seqlen {limit} or less")
-
-
-def prune(model: nn.Module | str | os.PathLike, method: str = "wanda", pattern: str | Pattern | None = None,
-          sparsity: float | None = None, calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048,
-          seed: int = 0, device: str = "auto", batch_size: int = 8, dtype: str | None = None, tokenizer=None,
-          calib_tokens: torch.Tensor | None = None, share_stats: bool = True, progress: bool = True,
-          refine: str | None = None, refine_options: dict | None = None, allocation: str = "uniform",
-          owl_lambda: float = 0.08, owl_m: float = 5.0, dense_fraction: float | None = None,
-          hybrid_select: str = "error", hybrid_budget: str = "uniform", hybrid_block: int = 64,
-          **pruner_options) -> nn.Module:
-    """Prune a causal LM in place and return it, with ``model.llmprune_report`` describing the run.
-
-    ``model`` is a loaded transformers model or anything ``models.load`` accepts. ``calib_tokens``
-    (``[nsamples, seqlen]``) bypasses ``calib`` for callers that bring their own tokens.
-    ``pruner_options`` go to the pruner's constructor (e.g. SparseGPT's ``blocksize``).
-    ``refine="dsnot"`` refines every base mask with DSnoT (``refine_options`` go to its constructor).
-    ``allocation="owl"`` sets per-layer unstructured sparsities from a dense statistics pre-pass.
-    ``pattern="hybrid:2:4"`` keeps ``dense_fraction`` of each linear's input columns dense (blocks of
-    ``hybrid_block``) and prunes the rest 2:4; ``hybrid_select`` (``error``/``saliency``) picks the
-    blocks, ``hybrid_budget="global"`` spreads one budget over all linears from a dense pre-pass.
-    """
-    pruner = make_pruner(method, **pruner_options)
-    refiner = make_refiner(refine, **(refine_options or {})) if refine else None
-    if not isinstance(pattern, (Unstructured, NM, Hybrid)):
-        pattern = parse_pattern(pattern, sparsity, dense_fraction, hybrid_block)
-    check_allocation(allocation, pattern)
-    split = pattern if isinstance(pattern, Hybrid) else None
-    needs = pruner.needs | (refiner.needs if refiner else frozenset())
-    if split is not None:
-        hybrid.check_budget(hybrid_budget)
-        needs |= hybrid.needs(hybrid_select)
-    if isinstance(model, (str, os.PathLike)):
-        model, tokenizer = models.load(model, dtype)
-    tokenizer = tokenizer or getattr(model, "llmprune_tokenizer", None)
-    adapter = ModelAdapter(model)
+def check_model(adapter: ModelAdapter, recipe: Recipe) -> None:
+    """Every prunable linear takes the recipe's pattern (N:M needs whole groups), before any calibration."""
     for name, linear in adapter.all_linears().items():
-        pattern.validate(name, linear.out_features, linear.in_features)
+        recipe.pattern.validate(name, linear.out_features, linear.in_features)
+
+
+def run(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, device: str = "auto", batch_size: int = 8,
+        share_stats: bool = True, progress: bool = True, calibration_spec: str | None = None,
+        source: stream.LayerSource | None = None, on_done: Callable[[int, dict[str, dict]], None] | None = None,
+        offload_activations: str | os.PathLike | None = None) -> PruneReport:
+    """Prune ``model`` in place with ``recipe`` on calibration ``tokens`` ``[nsamples, seqlen]``.
+
+    ``source`` loads each decoder layer's weights before it runs and releases them after; ``on_done``
+    gets each pruned layer's index and per-linear facts before that (the writer of the out-of-core path).
+    """
+    adapter = ModelAdapter(model)
+    check_model(adapter, recipe)
+    started = time.perf_counter()
+    stream_options = {"device": device, "batch_size": batch_size, "progress": progress, "source": source,
+                      "offload_activations": offload_activations}
+    share = distributed.shard(tokens)  # this rank's windows (all of them with one process)
+    recipe.allocation.prepare(adapter, share, recipe.pruner, stream_options)
+    facts: dict[int, dict[str, dict]] = {}
+
+    def process(index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> dict[str, dict]:
+        facts[index] = prune_layer(recipe, index, linears, stats)
+        return facts[index]
+
+    layers = stream.layerwise(adapter, share, process, needs=recipe.needs, share_stats=share_stats,
+                              hessian_dtype=recipe.hessian_dtype,
+                              on_done=None if on_done is None else lambda index: on_done(index, facts.pop(index)),
+                              **stream_options)
+    total = sum(lin.shape[0] * lin.shape[1] for layer in layers for lin in layer.linears)
+    zeros = sum(lin.zeros for layer in layers for lin in layer.linears)
+    records = [
+        LinearRecord(name=lin.name, shape=lin.shape, sparsity=round(lin.sparsity, 6),
+                     rel_error=None if lin.rel_error is None else round(lin.rel_error, 6),
+                     layer_seconds=round(layer.seconds, 3), seconds=lin.info.get("seconds", 0.0),
+                     facts={k: v for k, v in lin.info.items() if k not in ("seconds", "dense_columns")},
+                     dense_columns=lin.info.get("dense_columns"))
+        for layer in layers for lin in layer.linears
+    ]
+    dense_weights = sum(r.shape[0] * (b - a) for r in records for a, b in r.dense_columns or ())
+    summary = Summary(prunable_params=total, zeros=zeros, sparsity=zeros / max(total, 1),
+                      dense_fraction=dense_weights / max(total, 1), seconds=round(time.perf_counter() - started, 2),
+                      phase_seconds={phase: round(sum(layer.phases[phase] for layer in layers), 2)
+                                     for phase in layers[0].phases})
+    record = recipe.record(state(model).source, str(resolve_device(device)), calibration_spec, tokens)
+    return PruneReport(record, summary, records)
+
+
+def prune(model: nn.Module | str | os.PathLike, method: str = "wanda", pattern=None, sparsity: float | None = None,
+          calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device: str = "auto",
+          batch_size: int = 8, dtype: str | None = None, tokenizer=None, calib_tokens: torch.Tensor | None = None,
+          share_stats: bool = True, progress: bool = True, recipe: Recipe | None = None, **settings) -> nn.Module:
+    """Prune a causal LM in place and return it; ``llmprune.state(model).report`` describes the run.
+
+    ``model`` is a loaded transformers model or anything ``loading.load_pretrained`` accepts.
+    ``settings`` are the rest of ``Recipe.build``'s arguments (``refine``, ``allocation``,
+    ``dense_fraction``, pruner options such as SparseGPT's ``blocksize``...); a prebuilt ``recipe``
+    replaces them all. ``calib_tokens`` (``[nsamples, seqlen]``) bypasses ``calib`` for callers that
+    bring their own tokens.
+    """
+    if recipe is None:
+        recipe = Recipe.build(method, pattern, sparsity, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                              **settings)
+    if isinstance(model, (str, os.PathLike)):
+        model, tokenizer = load_pretrained(model, dtype)
+    known = state(model)
+    tokenizer = tokenizer or known.tokenizer
+    adapter = ModelAdapter(model)
+    check_model(adapter, recipe)
+    spec = None
     if calib_tokens is None:
         if tokenizer is None:
             raise LLMPruneError("calibration needs a tokenizer; pass tokenizer= or load the model with llmprune")
-        check_seqlen(model, seqlen)
-        calib_tokens = calibration.tokens(calib, tokenizer, nsamples, seqlen, seed)
+        check_seqlen(model, recipe.calibration.seqlen)
+        calib_tokens = recipe.calibration.tokens(tokenizer)
     else:
-        calib = "tokens given by the caller"
-
-    started = time.perf_counter()
-    stream_options = {"device": device, "batch_size": batch_size, "progress": progress}
-    allocated: dict = {"name": allocation}
-    layer_patterns = [pattern] * len(adapter)
-    if allocation == "owl":
-        ratios = owl_outlier_ratios(adapter, calib_tokens, owl_m, **stream_options)
-        sparsities = owl_sparsities(ratios, pattern.sparsity, owl_lambda)
-        layer_patterns = [Unstructured(s) for s in sparsities]
-        allocated.update(lam=owl_lambda, m=owl_m, outlier_ratios=[round(r, 6) for r in ratios],
-                         sparsities=[round(s, 6) for s in sparsities])
-
-    dense_counts: dict[str, int] | None = None
-    if split is not None and hybrid_budget == "global":
-        rankings = hybrid_rankings(adapter, calib_tokens, pruner, split, hybrid_select, **stream_options)
-        dense_counts = hybrid.allocate_global(rankings, split.dense_fraction)
-
-    def region(name: str, original: torch.Tensor, stats: InputStats | None) -> NM:
-        """This linear's pattern under the hybrid split: N:M with its chosen dense blocks."""
-        plain = NM(split.n, split.m)
-        count = dense_counts[name] if dense_counts is not None else split.uniform_count(original.shape[1])
-        if count == 0:
-            return plain
-        base = pruner.prune(original.clone(), stats, plain)
-        return split.region(hybrid.rank_blocks(original, base.weight, stats, split, hybrid_select).blocks[:count])
-
-    def process(index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> dict[str, dict]:
-        info = {}
-        for name, linear in linears.items():
-            clock = time.perf_counter()
-            original = linear.weight.float().clone()
-            layer_pattern = region(name, original, stats.get(name)) if split else layer_patterns[index]
-            result = pruner.prune(original.clone(), stats.get(name), layer_pattern)
-            if refiner is not None and refiner.applies_to(name):
-                refined = refiner.refine(original, result.weight, stats[name], layer_pattern)
-                result = Pruned(refined.weight, {**result.info, **refined.info})
-            bad = layer_pattern.violations(result.weight)
-            if bad:
-                raise RuntimeError(f"{method} produced a weight for {name} that breaks {layer_pattern} in {bad} rows/groups")
-            linear.set_weight(result.weight)
-            info[name] = {"seconds": round(time.perf_counter() - clock, 4), **result.info}
-            if split is not None:
-                info[name]["dense_columns"] = [list(r) for r in layer_pattern.dense]
-        return info
-
-    reports = stream.layerwise(adapter, calib_tokens, process, needs=needs, share_stats=share_stats,
-                               hessian_dtype=getattr(pruner, "hessian_dtype", torch.float32), **stream_options)
-    weights = [p.weight for p in adapter.all_linears().values()]
-    total = sum(w.numel() for w in weights)
-    zeros = sum(int((w == 0).sum()) for w in weights)
-    dense_weights = sum(lin.shape[0] * (b - a) for rep in reports for lin in rep.linears
-                        for a, b in lin.info.get("dense_columns", []))
-    model.llmprune_report = {
-        "recipe": {
-            "method": method,
-            "pattern": str(pattern),
-            "target_sparsity": pattern.target_sparsity,
-            "options": pruner_options,
-            "refine": {"name": refine, **(refine_options or {})} if refine else None,
-            "allocation": allocated,
-            "hybrid": None if split is None else {"dense_fraction": split.dense_fraction, "block": split.block,
-                                                  "select": hybrid_select, "budget": hybrid_budget},
-            "calibration": {"spec": calib, "nsamples": int(calib_tokens.shape[0]),
-                            "seqlen": int(calib_tokens.shape[1]), "seed": seed},
-            "source": getattr(model, "llmprune_source", None),
-            "device": str(stream.resolve_device(device)),
-            "versions": _versions(),
-        },
-        "summary": {"prunable_params": total, "zeros": zeros, "sparsity": zeros / max(total, 1),
-                    "dense_fraction": dense_weights / max(total, 1),
-                    "seconds": round(time.perf_counter() - started, 2),
-                    "phase_seconds": {phase: round(sum(r.phases[phase] for r in reports), 2) for phase in reports[0].phases}},
-        "layers": [
-            {"name": lin.name, "shape": list(lin.shape), "sparsity": round(lin.sparsity, 6),
-             "rel_error": None if lin.rel_error is None else round(lin.rel_error, 6),
-             "layer_seconds": round(rep.seconds, 3), **lin.info}
-            for rep in reports for lin in rep.linears
-        ],
-    }
+        spec = "tokens given by the caller"
+    known.report = run(model, recipe, calib_tokens, device=device, batch_size=batch_size, share_stats=share_stats,
+                       progress=progress, calibration_spec=spec)
     return model
 
 
-def _versions() -> dict[str, str]:
-    import transformers
+class _LayerLoader:
+    """``stream.LayerSource`` over a checkpoint: decoder layer ``i`` is the tensors under ``LAYERS.i.``."""
 
-    return {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    def __init__(self, source: CheckpointSource, layers_name: str) -> None:
+        self.source, self.layers_name = source, layers_name
+
+    def load_layer(self, index: int) -> None:
+        self.source.load(f"{self.layers_name}.{index}.")
+
+    def release_layer(self, index: int) -> None:
+        self.source.release(f"{self.layers_name}.{index}.")
+
+
+def prune_checkpoint(source: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *, device: str = "auto",
+                     batch_size: int = 8, dtype: str | None = None, share_stats: bool = True, progress: bool = True,
+                     overwrite: bool = False, storage: str = "auto",
+                     offload_activations: str | os.PathLike | None = None) -> PruneReport:
+    """Prune a safetensors checkpoint of any size into ``out``, one decoder layer in memory at a time.
+
+    The model is a skeleton on the meta device; what runs outside the decoder layers is loaded once;
+    each layer's tensors are read from the memory-mapped shards when its turn comes, pruned, written
+    to the output checkpoint right away (the same codecs and bytes as ``prune`` + ``save``), and freed.
+    The directory appears atomically when everything is written, with ``llmprune.json``.
+    """
+    check_storage(storage, recipe.pattern)
+    check_output_dir(out, overwrite)
+    checkpoint = CheckpointSource(source, dtype)
+    model = checkpoint.model
+    adapter = ModelAdapter(model)
+    check_model(adapter, recipe)
+    check_seqlen(model, recipe.calibration.seqlen)
+    checkpoint.load_outside(adapter.layers_name)
+    tokens = recipe.calibration.tokens(checkpoint.tokenizer)
+    names = set(adapter.all_linears())
+    codec, targets, _ = storage_plan_for(recipe.pattern, storage, names)
+    hybrid: dict[str, tuple] = {}
+    options = {"device": device, "batch_size": batch_size, "share_stats": share_stats, "progress": progress,
+               "source": _LayerLoader(checkpoint, adapter.layers_name), "offload_activations": offload_activations}
+    if not distributed.is_leader():  # rank 0 writes; the others calibrate their share
+        report = run(model, recipe, tokens, **options)
+        distributed.barrier()
+        return report
+    with atomic_output_dir(out, overwrite) as tmp:
+        writer = CheckpointWriter(model, tmp, codec, targets, hybrid, ranges_later=isinstance(recipe.pattern, Hybrid),
+                                  fetch=checkpoint.fetch)
+        free = shutil.disk_usage(tmp).free
+        if writer.size_bound() > free:
+            raise LLMPruneError(f"{Path(out).parent} has {free / 2**30:.1f} GiB free, and the pruned checkpoint needs up "
+                                f"to {writer.size_bound() / 2**30:.1f} GiB; free space or choose another --out")
+        stack = f"{adapter.layers_name}."
+
+        def write_layer(index: int, layer_facts: dict[str, dict]) -> None:
+            for name, info in layer_facts.items():
+                hybrid[name] = tuple(tuple(r) for r in info.get("dense_columns", ()))
+
+            def ready(key: str) -> bool:
+                if not key.startswith(stack):
+                    return True
+                return int(key[len(stack):].split(".", 1)[0]) <= index
+
+            writer.write_ready(ready)
+
+        try:
+            report = run(model, recipe, tokens, on_done=write_layer, **options)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        checkpoint.tokenizer.save_pretrained(tmp)
+        report.write(tmp)
+    state(model).report = report
+    distributed.barrier()
+    return report

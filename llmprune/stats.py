@@ -5,6 +5,8 @@ calibration sets; the Hessian can be accumulated in float64 for reference tests.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # Names a pruner can list in ``needs``.
@@ -52,6 +54,27 @@ class InputStats:
             delta = batch_mean - self.mean
             self._m2.add_(((xd - batch_mean) ** 2).sum(0)).add_(delta * delta * (self.count * batch / total))
             self.mean.add_(delta * (batch / total))
+        self.count = total
+
+    def combine(self, sum_across: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Merge the statistics of other processes' inputs into these, in place, so that every process
+        holds those of all inputs; ``sum_across(t)`` adds ``t`` over the processes in place
+        (``distributed.sum_``). Running means are weighted by token counts; variances merge exactly
+        (Chan et al.): M2 = Σ_r [M2_r + n_r·(mean_r − mean)²]."""
+        device = next(t.device for t in (self.sq_norm, self.hessian, self.mean) if t is not None)
+        local = self.count
+        total = int(sum_across(torch.tensor([float(local)], dtype=torch.float64, device=device)).item())
+        if total == 0:
+            return
+        share = local / total
+        for accumulator in (self.sq_norm, self.hessian):
+            if accumulator is not None:
+                sum_across(accumulator.mul_(share))
+        if self.mean is not None:
+            local_mean = self.mean.clone()
+            sum_across(self.mean.mul_(share))
+            self._m2.add_((local_mean - self.mean).square_().mul_(local))
+            sum_across(self._m2)
         self.count = total
 
     @property

@@ -16,7 +16,8 @@ import platform
 
 import torch
 
-from llmprune.eval.speed import POOL_BYTES, gemm_benchmark, gemm_table, sparse_backends
+from llmprune.eval.speed import POOL_BYTES, gemm_benchmark, gemm_table
+from llmprune.kernels import sparse_backends
 
 SMOLLM2 = "576x576,192x576,1536x576,576x1536"
 LLAMA_7B = "4096x4096,11008x4096,4096x11008"

@@ -64,7 +64,7 @@ def main() -> None:
     llmprune.prune(model, method="wanda", pattern="2:4", nsamples=64, seqlen=512, device="cpu", progress=False)
     prune_s = time.perf_counter() - started
     model = model.to(getattr(torch, args.dtype))
-    ids = model.llmprune_tokenizer(PROMPT, return_tensors="pt").input_ids
+    ids = llmprune.state(model).tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     rows = {}

@@ -70,12 +70,13 @@ def run_one(args: argparse.Namespace) -> dict:
                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device="cpu",
                        batch_size=args.batch_size, progress=not args.quiet, **spec["options"])
         result["prune_s"] = round(time.perf_counter() - started, 1)
-        result["sparsity"] = round(model.llmprune_report["summary"]["sparsity"], 4)
-        errors = [layer["rel_error"] for layer in model.llmprune_report["layers"]]
+        report = llmprune.state(model).report
+        result["sparsity"] = round(report.summary.sparsity, 4)
+        errors = [layer.rel_error for layer in report.layers]
         result["mean_rel_error"] = round(sum(errors) / len(errors), 4)
         if spec["pattern"] == "hybrid:2:4":
-            result["dense_fraction"] = round(model.llmprune_report["summary"]["dense_fraction"], 4)
-        result["phase_s"] = model.llmprune_report["summary"]["phase_seconds"]
+            result["dense_fraction"] = round(report.summary.dense_fraction, 4)
+        result["phase_s"] = report.summary.phase_seconds
     result["peak_rss_prune_mb"] = round(peak_rss_mb())
     if not args.skip_eval:
         ppl = perplexity(model, "wikitext2", seqlen=args.eval_seqlen, window_stride=args.window_stride, progress=not args.quiet)

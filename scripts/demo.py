@@ -55,7 +55,7 @@ def main() -> None:
     llmprune.prune(model, method="wanda", pattern="2:4", nsamples=64, seqlen=512, device="cpu")
     seconds = time.perf_counter() - started
     pruned = perplexity(model, "wikitext2", seqlen=2048, window_stride=WINDOW_STRIDE)
-    sparsity = model.llmprune_report["summary"]["sparsity"]
+    sparsity = llmprune.state(model).report.summary.sparsity
     print(f"\n| model | sparsity | WikiText-2 ppl ({len(dense.windows)} of {dense.total_windows} windows, seqlen 2048) |")
     print("|---|---|---|")
     print(f"| SmolLM2-135M dense | 0.00 | {dense.ppl:.2f} |")

@@ -41,9 +41,9 @@ def main() -> None:
     llmprune.prune(model, method=args.method, pattern=args.pattern, nsamples=args.nsamples, seqlen=args.seqlen,
                    device="cpu", progress=False, share_stats=not args.no_share)
     profile.disable()
-    summary = model.llmprune_report["summary"]
+    summary = llmprune.state(model).report.summary
     print(f"{args.method} {args.pattern}, first {args.layers} layers, share_stats={not args.no_share}: "
-          f"{summary['seconds']} s, phases {summary['phase_seconds']}")
+          f"{summary.seconds} s, phases {summary.phase_seconds}")
     pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
 
 

@@ -6,10 +6,9 @@ import random
 import pytest
 import torch
 
-from llmprune.allocation import (ALLOCATIONS, NEEDS_OUTLIER_RATIOS, check_allocation, outlier_ratio, owl_sparsities,
-                                 uniform)
+from llmprune.allocation import OWL, HybridBudget, Uniform, make_allocation, outlier_ratio, owl_sparsities
 from llmprune.errors import LLMPruneError
-from llmprune.patterns import NM, Unstructured
+from llmprune.patterns import NM, Hybrid, Unstructured
 
 
 def direct_outlier_ratio(pairs, m: float) -> float:
@@ -83,8 +82,6 @@ def test_owl_uniform_when_ratios_equal_or_lambda_zero() -> None:
     assert owl_sparsities([0.01, 0.2, 0.05], 0.6, lam=0.0) == [0.6] * 3
     assert owl_sparsities([0.07], 0.5) == [0.5]
     assert owl_sparsities([], 0.5) == []
-    assert uniform(4, 0.5) == [0.5] * 4 == ALLOCATIONS["uniform"](4, 0.5)
-    assert ALLOCATIONS["owl"] is owl_sparsities and NEEDS_OUTLIER_RATIOS == {"owl"}
 
 
 def test_owl_weighted_mean_by_parameter_count() -> None:
@@ -113,17 +110,21 @@ def test_owl_clamps_and_keeps_the_mean() -> None:
         owl_sparsities(ratios, 0.5, weights=[1.0, 2.0])
     with pytest.raises(LLMPruneError, match="finite"):
         owl_sparsities([0.1, float("nan")], 0.5)
-    with pytest.raises(LLMPruneError):
-        uniform(3, 1.0)
 
 
-def test_check_allocation_refuses_owl_with_nm() -> None:
-    check_allocation("owl", Unstructured(0.7))
-    check_allocation("uniform", NM(2, 4))
+def test_make_allocation_picks_the_strategy_and_refuses_owl_with_nm() -> None:
+    assert isinstance(make_allocation("owl", Unstructured(0.7)), OWL)
+    assert isinstance(make_allocation("uniform", NM(2, 4)), Uniform)
+    assert isinstance(make_allocation("uniform", Hybrid(2, 4, 0.25)), HybridBudget)
+    assert make_allocation("uniform", NM(2, 4)).pattern_for(3, "x", torch.ones(4, 8), None) == NM(2, 4)
     with pytest.raises(LLMPruneError, match=r"OWL allocates unstructured sparsity per layer; N:M fixes it at 1-N/M"):
-        check_allocation("owl", NM(2, 4))
+        make_allocation("owl", NM(2, 4))
     with pytest.raises(LLMPruneError, match="unknown allocation 'owll'; choose one of owl, uniform"):
-        check_allocation("owll", Unstructured(0.5))
+        make_allocation("owll", Unstructured(0.5))
+    with pytest.raises(LLMPruneError, match="lambda"):
+        make_allocation("owl", Unstructured(0.5), owl_lambda=-1.0)
+    with pytest.raises(LLMPruneError, match="target sparsity"):
+        make_allocation("owl", Unstructured(0.995))
 
 
 def test_outlier_ratio_errors() -> None:

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_packed import copy_checkpoint, logits, read_raw, rewrite, tiny_llama
+from helpers import copy_checkpoint, logits, read_raw, rewrite, tiny_llama
 
 import llmprune
 from llmprune.errors import LLMPruneError
-from llmprune.formats.packed import WEIGHTS_NAME
-from llmprune.formats.sparse24 import pack_bitmask, pack_bits, unpack_bitmask, unpack_bits
-from llmprune.models import ModelAdapter
+from llmprune.checkpoint.safetensors import WEIGHTS_NAME
+from llmprune.packing import pack_bitmask, pack_bits, unpack_bitmask, unpack_bits
+from llmprune.adapter import ModelAdapter
 
 TOKENS = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
 

@@ -2,30 +2,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model, word_tokenizer
+from helpers import assert_nothing_written, prune_args, run_cli
 
 from llmprune.cli import main
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop what fixtures printed
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_nothing_written(out: Path) -> None:
-    assert not out.exists(), f"{out} was created"
-    assert not list(out.parent.glob(f".{out.name}.tmp-*")), "a temp dir was left behind"
-
-
-def prune_args(model: Path, calib: Path, out: Path, *extra: str) -> list[str]:
-    return ["prune", model, "--calib", calib, "--nsamples", "4", "--seqlen", "16", "--device", "cpu",
-            "--out", out, "--quiet", *extra]
 
 
 def test_prune_info_eval(capsys, tiny_checkpoint, calib_file, tmp_path) -> None:
@@ -107,7 +90,9 @@ def test_missing_and_corrupt_model(capsys, tmp_path, calib_file, tiny_checkpoint
     code, _, err = run_cli(capsys, *prune_args(tmp_path / "nothing-here", calib_file, out))
     assert code == 2 and "does not exist" in err
     (tiny_checkpoint / "model.safetensors").write_bytes(b"\x00garbage")
-    code, _, err = run_cli(capsys, *prune_args(tiny_checkpoint, calib_file, out))
+    code, _, err = run_cli(capsys, *prune_args(tiny_checkpoint, calib_file, out))  # out of core: the header is read first
+    assert code == 2 and "model.safetensors is truncated or corrupt" in err
+    code, _, err = run_cli(capsys, *prune_args(tiny_checkpoint, calib_file, out, "--in-memory"))
     assert code == 2 and "cannot load model" in err
     assert_nothing_written(out)
 
@@ -140,14 +125,19 @@ def test_existing_output_is_kept_unless_overwrite(capsys, tiny_checkpoint, calib
 def test_failed_write_leaves_nothing(monkeypatch, tmp_path) -> None:
     """A disk that fills up mid-save: clear error, no half checkpoint under the output name."""
     from llmprune.errors import LLMPruneError
-    from llmprune.formats import save
+    from llmprune.checkpoint import save
+    from llmprune.checkpoint.safetensors import SafetensorsWriter
 
     model = tiny_model("llama")
 
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    write_next = SafetensorsWriter.write_next
 
-    monkeypatch.setattr("llmprune.formats.packed._write_safetensors", full_disk)
+    def full_disk(self):
+        if self.written == 3:  # a few tensors in
+            raise OSError(28, "No space left on device")
+        return write_next(self)
+
+    monkeypatch.setattr(SafetensorsWriter, "write_next", full_disk)
     out = tmp_path / "out"
     with pytest.raises(LLMPruneError, match="No space left on device; nothing was written"):
         save(model, out)

@@ -32,19 +32,19 @@ def test_saved_checkpoint_reloads_with_the_same_logits(tmp_path, pattern) -> Non
         assert "sparse-24-bitmask" in (out / "config.json").read_text()
     else:
         reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids = model.llmprune_tokenizer(PROMPT, return_tensors="pt").input_ids
+    ids = llmprune.state(model).tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
     if pattern == "2:4" and importlib.util.find_spec("numba"):  # the CPU kernel decodes what dense decodes
         fast = llmprune.load(out, backend="numba")
-        assert set(fast.llmprune_backends.values()) == {"numba"}
+        assert set(llmprune.state(fast).backends.values()) == {"numba"}
         runs = [m.generate(ids, max_new_tokens=24, do_sample=False, output_scores=True, return_dict_in_generate=True)
                 for m in (reloaded, fast)]
         assert torch.equal(runs[0].sequences, runs[1].sequences)
         torch.testing.assert_close(torch.stack(runs[1].scores), torch.stack(runs[0].scores), rtol=1e-4, atol=1e-4)
-    report = model.llmprune_report
-    assert report["summary"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert all(0 < layer["rel_error"] < 1 for layer in report["layers"])
+    report = llmprune.state(model).report
+    assert report.summary.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert all(0 < layer.rel_error < 1 for layer in report.layers)
 
 
 def test_wanda_beats_magnitude_on_real_weights() -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import VOCAB, tiny_model
-from test_sparsegpt import correlated_inputs, random_weight, reference_obs, stats_for
+from helpers import correlated_inputs, random_weight, reference_obs, stats_for
 
 from llmprune import hybrid
 from llmprune.errors import LLMPruneError
-from llmprune.models import ModelAdapter
+from llmprune.adapter import ModelAdapter
 from llmprune.patterns import NM, Hybrid, parse_pattern
 from llmprune.pipeline import prune
 from llmprune.pruners import make_pruner
+from llmprune.state import state
 from llmprune.stats import HESSIAN, SQ_NORM
 
 TOKENS = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
@@ -136,13 +137,13 @@ def test_pipeline_hybrid_geometry_and_sparsity(method, select, budget) -> None:
     original = {n: p.weight.clone() for n, p in ModelAdapter(model).all_linears().items()}
     prune(model, method=method, pattern="hybrid:2:4", dense_fraction=0.25, hybrid_select=select,
           hybrid_budget=budget, hybrid_block=8, calib_tokens=TOKENS, device="cpu", progress=False)
-    report = model.llmprune_report
-    assert report["recipe"]["pattern"] == "hybrid:2:4"
-    assert report["recipe"]["hybrid"] == {"dense_fraction": 0.25, "block": 8, "select": select, "budget": budget}
-    layers = {layer["name"]: layer for layer in report["layers"]}
+    report = state(model).report
+    assert report.recipe.pattern == "hybrid:2:4"
+    assert report.recipe.hybrid == {"dense_fraction": 0.25, "block": 8, "select": select, "budget": budget}
+    layers = {layer.name: layer for layer in report.layers}
     dense_weights = 0
     for name, linear in ModelAdapter(model).all_linears().items():
-        ranges = [tuple(r) for r in layers[name]["dense_columns"]]
+        ranges = [tuple(r) for r in layers[name].dense_columns]
         columns = linear.in_features
         for a, b in ranges:
             assert a % 8 == 0 and (b % 8 == 0 or b == columns) and a < b <= columns
@@ -156,10 +157,10 @@ def test_pipeline_hybrid_geometry_and_sparsity(method, select, budget) -> None:
         if method != "sparsegpt":  # no weight updates: the dense region is the original weight
             assert torch.equal(weight[:, dense], original[name][:, dense])
         dense_weights += linear.out_features * int(dense.sum())
-    total = report["summary"]["prunable_params"]
-    assert report["summary"]["dense_fraction"] == pytest.approx(dense_weights / total)
-    assert report["summary"]["dense_fraction"] == pytest.approx(0.25, abs=0.05)
-    assert report["summary"]["sparsity"] == pytest.approx((1 - dense_weights / total) / 2, abs=1e-6)
+    total = report.summary.prunable_params
+    assert report.summary.dense_fraction == pytest.approx(dense_weights / total)
+    assert report.summary.dense_fraction == pytest.approx(0.25, abs=0.05)
+    assert report.summary.sparsity == pytest.approx((1 - dense_weights / total) / 2, abs=1e-6)
 
 
 def test_hybrid_beats_plain_24_on_reconstruction_error() -> None:
@@ -168,7 +169,7 @@ def test_hybrid_beats_plain_24_on_reconstruction_error() -> None:
         model = tiny_model("llama")
         prune(model, method="wanda", pattern=pattern, dense_fraction=fraction, hybrid_block=16, calib_tokens=TOKENS,
               device="cpu", progress=False)
-        errors[pattern] = sum(layer["rel_error"] for layer in model.llmprune_report["layers"])
+        errors[pattern] = sum(layer.rel_error for layer in state(model).report.layers)
     assert errors["hybrid:2:4"] < errors["2:4"]
 
 
@@ -182,7 +183,7 @@ def test_pipeline_refuses_bad_hybrid_options() -> None:
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_hybrid_checkpoint_round_trip(tmp_path, method) -> None:
     import llmprune
-    from llmprune.formats.packed import read_layout
+    from llmprune.checkpoint import read_layout
     from llmprune.sparse_linear import SparseLinear
 
     model = tiny_model("llama")
@@ -190,8 +191,8 @@ def test_hybrid_checkpoint_round_trip(tmp_path, method) -> None:
           device="cpu", progress=False)
     llmprune.save(model, tmp_path / "out")
     config = __import__("json").loads((tmp_path / "out" / "config.json").read_text())
-    layers = {layer["name"]: layer for layer in model.llmprune_report["layers"]}
-    assert config["llmprune_packing"]["hybrid"] == {n: layer["dense_columns"] for n, layer in layers.items()}
+    layers = {layer.name: layer for layer in state(model).report.layers}
+    assert config["llmprune_packing"]["hybrid"] == {n: layer.dense_columns for n, layer in layers.items()}
     assert set(layers) <= set(config["quantization_config"]["sparsity_config"]["ignore"])
     layout = read_layout(tmp_path / "out")
     name = "model.layers.0.mlp.down_proj"  # [32, 64]: 16 dense columns
@@ -200,7 +201,7 @@ def test_hybrid_checkpoint_round_trip(tmp_path, method) -> None:
     modules = dict(loaded.named_modules())
     for n, linear in ModelAdapter(model).all_linears().items():
         sparse = modules[n]
-        assert isinstance(sparse, SparseLinear) and sparse.dense_ranges == tuple(map(tuple, layers[n]["dense_columns"]))
+        assert isinstance(sparse, SparseLinear) and sparse.dense_ranges == tuple(map(tuple, layers[n].dense_columns))
         assert torch.equal(sparse.weight, linear.weight)  # the dense + 2:4 parts rebuild the pruned weight exactly
         x = torch.randn(3, linear.in_features)
         torch.testing.assert_close(sparse(x), torch.nn.functional.linear(x, linear.weight), rtol=1e-5, atol=1e-5)

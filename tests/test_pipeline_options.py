@@ -5,8 +5,9 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_model
 
+from llmprune.state import state
 from llmprune.errors import LLMPruneError
-from llmprune.models import ModelAdapter
+from llmprune.adapter import ModelAdapter
 from llmprune.patterns import NM, Unstructured
 from llmprune.pipeline import prune
 
@@ -28,14 +29,14 @@ def test_dsnot_keeps_the_pattern_and_reports(method, pattern) -> None:
     for (name, a), b in zip(ModelAdapter(base).all_linears().items(), ModelAdapter(refined).all_linears().values()):
         assert target.violations(b.weight) == 0, name
         assert torch.equal((a.weight == 0).sum(1), (b.weight == 0).sum(1)), name
-    layers = refined.llmprune_report["layers"]
-    assert all(layer["dsnot_err_after"] <= layer["dsnot_err_before"] + 1e-6 for layer in layers)
-    assert refined.llmprune_report["recipe"]["refine"] == {"name": "dsnot", "threshold": 0.0}
+    report = state(refined).report
+    assert all(layer.facts["dsnot_err_after"] <= layer.facts["dsnot_err_before"] + 1e-6 for layer in report.layers)
+    assert report.recipe.refine == {"name": "dsnot", "threshold": 0.0}
 
 
 def test_owl_allocates_per_layer_and_keeps_the_mean() -> None:
     model = run(method="wanda", sparsity=0.7, allocation="owl", owl_lambda=0.05)
-    allocation = model.llmprune_report["recipe"]["allocation"]
+    allocation = state(model).report.recipe.allocation
     sparsities, ratios = allocation["sparsities"], allocation["outlier_ratios"]
     assert len(sparsities) == 3 and sum(sparsities) / 3 == pytest.approx(0.7, abs=1e-6)
     order = sorted(range(3), key=lambda i: ratios[i])

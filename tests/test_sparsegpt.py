@@ -4,6 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import COLUMNS, PERCDAMP, correlated_inputs, random_weight, reference_obs, stats_for
+
+from llmprune.state import state
 from llmprune.errors import LLMPruneError
 from llmprune.patterns import NM, Unstructured
 from llmprune.pruners import PRUNERS, make_pruner
@@ -11,80 +14,6 @@ from llmprune.pruners.sparsegpt import SparseGPT
 from llmprune.pruners.wanda import Wanda
 from llmprune.stats import HESSIAN, SQ_NORM, InputStats
 
-ROWS, COLUMNS, PERCDAMP = 64, 128, 0.01
-
-
-def correlated_inputs(columns: int = COLUMNS, tokens: int = 512, seed: int = 0, decay: float = 1.0) -> torch.Tensor:
-    """``[tokens, columns]`` inputs X = Z·A: strongly correlated channels, so H is far from diagonal.
-
-    ``decay`` < 1 shrinks the latent factors geometrically down to ``decay``, giving the
-    fast-decaying spectrum of real LLM activations (a few directions carry most of the energy).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(columns, columns, generator=gen, dtype=torch.float64) / columns**0.5
-    mixing += torch.eye(columns, dtype=torch.float64) * 0.3
-    scales = torch.linspace(0.2, 3.0, columns, dtype=torch.float64)
-    latent = torch.randn(tokens, columns, generator=gen, dtype=torch.float64)
-    latent *= torch.logspace(0, torch.log10(torch.tensor(decay)).item(), columns, dtype=torch.float64)
-    return (latent @ mixing) * scales
-
-
-def stats_for(inputs: torch.Tensor, dtype: torch.dtype = torch.float32, needs=frozenset({HESSIAN})) -> InputStats:
-    stats = InputStats(inputs.shape[-1], needs, hessian_dtype=dtype)
-    for batch in inputs.split(128):
-        stats.update(batch)
-    return stats
-
-
-def random_weight(rows: int = ROWS, columns: int = COLUMNS, seed: int = 1) -> torch.Tensor:
-    return torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed))
-
-
-def reference_obs(weight: torch.Tensor, hessian: torch.Tensor, pattern, reselect_every: int | None = None,
-                  percdamp: float = PERCDAMP):
-    """Column-by-column OBS in float64, no blocks, no lazy updates, no Cholesky trick.
-
-    With F = {j, ..., in−1} the columns not yet fixed, H_F⁻¹ = inv(H[F, F]) directly; pruning
-    column j to q moves the free columns by −(w_j − q)/H_F⁻¹[0,0] · H_F⁻¹[0, :]. The score of
-    column j is w_j² / H_F⁻¹[0,0]. N:M picks each group's mask at its first column (none in its
-    ``dense`` ranges). Unstructured
-    picks at column 0 (and again every ``reselect_every`` columns): each row ranks its remaining
-    columns and prunes those among its remaining-budget lowest that come before the next pick.
-    Returns the pruned weight and the summed OBS loss Σ (w_j − q)² / (2 H_F⁻¹[0,0]).
-    """
-    w = weight.double().clone()
-    h = hessian.double().clone()
-    h.diagonal().add_(percdamp * h.diagonal().mean())
-    rows, columns = w.shape
-    tails = [torch.linalg.inv(h[j:, j:]) for j in range(columns)]  # H_F⁻¹ for F = j..in−1
-    d2 = torch.stack([t[0, 0] for t in tails])
-    keep = torch.ones_like(w, dtype=torch.bool)
-    reselect_every = reselect_every or columns
-    budget = [pattern.pruned_per_row(columns) if isinstance(pattern, Unstructured) else 0] * rows
-
-    def lowest(scores: list[float], count: int) -> list[int]:  # ties → lower index
-        return sorted(range(len(scores)), key=lambda c: (scores[c], c))[:count]
-
-    loss = 0.0
-    for j in range(columns):
-        if isinstance(pattern, NM) and j % pattern.m == 0 and not any(a <= j < b for a, b in pattern.dense):
-            for r in range(rows):
-                scores = (w[r, j:j + pattern.m].square() / d2[j:j + pattern.m]).tolist()
-                for c in lowest(scores, pattern.m - pattern.n):
-                    keep[r, j + c] = False
-        if isinstance(pattern, Unstructured) and j % reselect_every == 0:
-            for r in range(rows):
-                scores = (w[r, j:].square() / d2[j:]).tolist()
-                for c in lowest(scores, budget[r]):
-                    if c < reselect_every:
-                        keep[r, j + c] = False
-                        budget[r] -= 1
-        q = torch.where(keep[:, j], w[:, j], torch.zeros(()).double())
-        step = (w[:, j] - q) / tails[j][0, 0]
-        loss += float(((w[:, j] - q).square() / tails[j][0, 0]).sum() / 2)
-        w[:, j:] -= step[:, None] * tails[j][0][None, :]
-        w[:, j] = q
-    return w, loss
 
 
 @pytest.mark.parametrize("pattern,blocksize,reselect_every", [
@@ -239,7 +168,7 @@ def test_arguments_are_validated() -> None:
 def test_pipeline_end_to_end_on_tiny_llama() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from llmprune.models import ModelAdapter
+    from llmprune.adapter import ModelAdapter
     from llmprune.pipeline import prune
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -252,8 +181,8 @@ def test_pipeline_end_to_end_on_tiny_llama() -> None:
     assert len(linears) == 14
     for linear in linears.values():
         assert NM(2, 4).violations(linear.weight.float()) == 0
-    layers = model.llmprune_report["layers"]
-    assert len(layers) == 14
-    assert all(entry["damping"] == PERCDAMP and entry["damp_retries"] == 0 for entry in layers)
-    assert sum(entry["factor_reused"] for entry in layers) == 2 * 3  # k, v and up in both layers
-    assert model.llmprune_report["recipe"]["options"] == {"blocksize": 32}
+    report = state(model).report
+    assert len(report.layers) == 14
+    assert all(entry.facts["damping"] == PERCDAMP and entry.facts["damp_retries"] == 0 for entry in report.layers)
+    assert sum(entry.facts["factor_reused"] for entry in report.layers) == 2 * 3  # k, v and up in both layers
+    assert report.recipe.options == {"blocksize": 32}

@@ -5,8 +5,9 @@ import pytest
 import torch
 from conftest import TINY_CONFIGS, VOCAB, tiny_model
 
+from llmprune.state import state
 from llmprune.errors import LLMPruneError
-from llmprune.models import ModelAdapter
+from llmprune.adapter import ModelAdapter
 from llmprune.pipeline import prune
 from llmprune.stats import HESSIAN, MOMENTS, SQ_NORM, InputStats
 from llmprune.stream import layerwise
@@ -51,7 +52,7 @@ def test_sparsity_zero_changes_nothing() -> None:
     prune(model, method="wanda", sparsity=0.0, calib_tokens=torch.randint(0, VOCAB, (4, 16)), device="cpu", progress=False)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
-    assert all(layer["rel_error"] == 0.0 for layer in model.llmprune_report["layers"])
+    assert all(layer.rel_error == 0.0 for layer in state(model).report.layers)
 
 
 @pytest.mark.parametrize("model_type,groups", [

@@ -1,13 +1,14 @@
 """Zero-shot tasks with lm-eval on local data, run on the model in memory.
 
-The task configs live in ``eval/tasks/`` (one YAML per task, lm-eval's official prompt, target,
-choices and metrics; ``utils.py`` holds their document hooks). Their lm-eval names carry an
-``llmprune_`` prefix so they never shadow lm-eval's own tasks; users name them without it
-(``piqa``, ``arc_easy``, ...).
+The task configs live in ``llmprune/eval/tasks/`` (one YAML per task, lm-eval's official prompt,
+target, choices and metrics; ``utils.py`` holds their document hooks). They are package data, so a
+plain ``pip install`` (wheel, not editable) carries them and the commands need no source checkout.
+Their lm-eval names carry an ``llmprune_`` prefix so they never shadow lm-eval's own tasks; users
+name them without it (``piqa``, ``arc_easy``, ...).
 
 Where the data comes from: each YAML reads ``dataset_path: json`` with ``data_files`` written
 as ``"../shared/data/tasks/<file>.jsonl"``, the default layout relative to the repo root, so the
-folder also works as is with ``lm_eval --include_path eval/tasks`` run from there. For a run,
+folder also works as is with ``lm_eval --include_path llmprune/eval/tasks`` run from there. For a run,
 :func:`evaluate_tasks` copies the folder to a temporary include dir, rewriting that prefix to the
 data folder in use: ``data_dir`` when given, else ``$LLMPRUNE_SHARED/data/tasks`` (default
 ``../shared/data/tasks`` beside the repo). Nothing is downloaded; the model is wrapped in
@@ -29,7 +30,8 @@ from pathlib import Path
 import yaml
 
 from ..errors import LLMPruneError
-from ..resources import REPO_ROOT, shared_dir
+from ..state import state
+from ..resources import shared_dir
 
 TASK_PREFIX = "llmprune_"
 # The data location written in the YAMLs (relative to the repo root); replaced at run time.
@@ -42,8 +44,8 @@ BOOTSTRAP_ITERS = 1000
 
 
 def default_tasks_dir() -> Path:
-    """``eval/tasks`` in the source checkout."""
-    return REPO_ROOT / "eval" / "tasks"
+    """The task configs shipped inside the package (``llmprune/eval/tasks``), wherever it is installed."""
+    return Path(__file__).resolve().parent / "tasks"
 
 
 def default_data_dir() -> Path:
@@ -82,11 +84,14 @@ def _read_config(path: Path) -> dict:
 
 
 def local_tasks(tasks_dir: str | Path | None = None) -> dict[str, LocalTask]:
-    """The tasks defined in ``tasks_dir`` (default ``eval/tasks``), keyed by user-facing name."""
+    """The tasks defined in ``tasks_dir`` (default: the configs shipped in the package), keyed by user-facing name."""
+    if tasks_dir is not None and not Path(tasks_dir).is_dir():
+        raise LLMPruneError(f"task config folder {tasks_dir} does not exist; pass --tasks-dir pointing at a folder "
+                            f"of lm-eval task YAMLs, or leave it out to use the configs shipped with llmprune")
     tasks_dir = Path(tasks_dir) if tasks_dir is not None else default_tasks_dir()
     if not tasks_dir.is_dir():
-        raise LLMPruneError(f"task config folder {tasks_dir} does not exist; pass --tasks-dir pointing at "
-                            f"llmprune's eval/tasks (it ships with the source checkout)")
+        raise LLMPruneError(f"the task configs that ship with llmprune are missing ({tasks_dir}): the installation "
+                            f"is incomplete; reinstall llmprune, or pass --tasks-dir pointing at a folder of task YAMLs")
     tasks = {}
     for path in sorted(tasks_dir.glob("*.yaml")):
         config = _read_config(path)
@@ -164,7 +169,7 @@ def _hflm(model, batch_size: int, progress: bool):
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
 
-    tokenizer = getattr(model, "llmprune_tokenizer", None)
+    tokenizer = state(model).tokenizer
     if tokenizer is None:
         raise LLMPruneError("task evaluation needs the tokenizer; load the model with llmprune.load")
     hf_logger = logging.getLogger("lm_eval.models.huggingface")
@@ -210,7 +215,7 @@ def evaluate_tasks(model, tasks: list[str] | str, limit: int | float | None = No
     if limit is not None and limit <= 0:
         raise LLMPruneError(f"limit must be positive, got {limit}")
     if device is not None:
-        from ..stream import resolve_device
+        from ..device import resolve_device
 
         model = model.to(resolve_device(device))
     lm = _hflm(model, batch_size, progress)

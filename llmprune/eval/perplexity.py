@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapter import check_seqlen
 from ..calib import named_text
 from ..errors import LLMPruneError
+from ..state import state
 
 
 @dataclass
@@ -50,13 +52,11 @@ def perplexity(model: nn.Module, dataset: str = "wikitext2", tokenizer=None, seq
                window_stride: int = 1, batch_size: int = 1, device: str | torch.device | None = None,
                progress: bool = True) -> PerplexityResult:
     """Perplexity of ``model`` on ``dataset`` over non-overlapping ``seqlen`` windows."""
-    tokenizer = tokenizer or getattr(model, "llmprune_tokenizer", None)
+    tokenizer = tokenizer or state(model).tokenizer
     if tokenizer is None:
         raise LLMPruneError("perplexity needs a tokenizer; pass tokenizer= or load the model with llmprune")
     if window_stride < 1 or batch_size < 1:
         raise LLMPruneError("window_stride and batch_size must be >= 1")
-    from ..pipeline import check_seqlen
-
     check_seqlen(model, seqlen)
     text, source = named_text(dataset, "evaluation")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LLMPruneError
-from ..formats.checkpoint import REPORT_FILE
+from ..report import REPORT_FILE, PruneReport
 from .harness import headline
 
 REPORT_NAME = "report.md"
@@ -80,14 +80,9 @@ def checkpoint_facts(model: str | os.PathLike) -> dict:
     files = sorted(directory.glob("*.safetensors")) if path.is_dir() else []
     if files:
         facts["size_bytes"] = sum(f.stat().st_size for f in files)
-    report_file = directory / REPORT_FILE
-    if path.exists() and report_file.is_file():
-        try:
-            report = json.loads(report_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise LLMPruneError(f"{report_file} is corrupt: {exc}") from exc
-        recipe, summary = report.get("recipe", {}), report.get("summary", {})
-        facts.update(method=recipe.get("method", "?"), pattern=recipe.get("pattern"), sparsity=summary.get("sparsity"))
+    if path.exists() and (directory / REPORT_FILE).is_file():
+        report = PruneReport.read(directory)
+        facts.update(method=report.recipe.method, pattern=report.recipe.pattern, sparsity=report.summary.sparsity)
     elif not path.exists():
         facts.update(method="?", pattern=None, sparsity=None)  # the result file names a model no longer here
     return facts
@@ -130,7 +125,7 @@ def evaluate_model(model: str | os.PathLike, ppl: str | None = None, tasks: list
                    device: str = "auto", dtype: str | None = None, batch_size: int | None = None,
                    tasks_dir=None, data_dir=None, progress: bool = True) -> dict:
     """Load ``model`` and evaluate it; returns the record :func:`result_record` describes."""
-    from ..models import load_model
+    from ..loading import load
     from .harness import evaluate_tasks, resolve_tasks
     from .perplexity import perplexity
 
@@ -138,7 +133,7 @@ def evaluate_model(model: str | os.PathLike, ppl: str | None = None, tasks: list
         raise LLMPruneError(f"nothing to evaluate {model} on: give --ppl and/or --tasks")
     if tasks:
         resolve_tasks(tasks, tasks_dir)  # fail on a bad task name before loading anything
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load(model, device=device, dtype=dtype)
     ppl_result = task_result = None
     if ppl:
         ppl_result = perplexity(loaded, ppl, seqlen=seqlen, window_stride=window_stride,

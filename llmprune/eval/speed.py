@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import ModelAdapter
+from ..adapter import ModelAdapter
 from ..patterns import NM
 from ..sparse_linear import SparseLinear
 
@@ -33,11 +33,6 @@ POOL_BYTES = 256 << 20  # weight copies per shape in the GEMM benchmark: beyond 
 # Metadata bits per dense element of each backend's layout: 2-bit positions of the two kept values of 4
 # (1 bit per element), or the numba kernel's one byte per group of 4 (2 bits); the dense backend has no saving.
 METADATA_BITS = {"semi-structured": 1, "triton": 1, "numba": 2}
-
-
-def sparse_backends(device: torch.device) -> tuple[str, ...]:
-    """The sparse backends worth timing on ``device``."""
-    return ("semi-structured", "triton") if device.type == "cuda" else ("numba",)
 
 
 def byte_ceiling(dtype: torch.dtype, backend: str = "triton") -> float:

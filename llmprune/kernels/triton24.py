@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import LLMPruneError
-from ..formats.sparse24 import stored_positions
+from ..packing import stored_positions
 
 PER_WORD = 16  # 2-bit positions per int32 metadata word
 ALIGN = 2 * PER_WORD  # in_features must be a multiple of this
 
 
-def triton_unavailable(weight: torch.Tensor) -> str | None:
+def unavailable(weight: torch.Tensor) -> str | None:
     """Why the Triton 2:4 kernel cannot run ``weight`` ``[out, in]`` (None when it can)."""
     import os
 
@@ -101,7 +101,7 @@ def _kernel():
 _COMPILED = None
 
 
-def linear_24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
+def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
               block_n: int = 32, block_k: int = 128) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 weight in ``(values, meta)`` layout, transposed, plus ``bias``."""
     global _COMPILED

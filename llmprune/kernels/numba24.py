@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LLMPruneError
-from ..formats.sparse24 import stored_positions
+from ..packing import stored_positions
 
-MAX_FUSED_ROWS = 8  # rows of x up to which the fused kernel runs (measured: expanding wins from 16)
+MAX_FUSED_ROWS = 8  # rows of x up to which the fused kernel runs; past it expanding wins (eval/RESULTS.md)
 LANES = 16  # groups per chunk (one AVX-512 vector of float32)
 PAD = 255  # meta code of a padding group
 
 
-def cpu_unavailable(weight: torch.Tensor) -> str | None:
+def unavailable(weight: torch.Tensor) -> str | None:
     """Why the CPU 2:4 kernel cannot run ``weight`` ``[out, in]`` (None when it can)."""
     try:
         import numba  # noqa: F401
@@ -47,7 +47,7 @@ def cpu_unavailable(weight: torch.Tensor) -> str | None:
     return None
 
 
-def to_cpu_layout(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+def to_layout(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """Dense 2:4 ``[out, in]`` → (``values`` ``[out/4, chunks, 4, 2, 16]``, ``meta`` ``[out/4, chunks, 4, 16]``)."""
     out_features, in_features = weight.shape
     if out_features % 4:
@@ -84,15 +84,15 @@ def _kernels():
     return _NUMBA["module"]
 
 
-def from_cpu_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``to_cpu_layout``: the dense ``[out, in]`` weight (``in`` read off the padding)."""
+def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``to_layout``: the dense ``[out, in]`` weight (``in`` read off the padding)."""
     in_features = 4 * int((meta[0, :, 0] != PAD).sum())
     dense = torch.empty(values.shape[0] * 4, in_features, dtype=torch.float32)
     _kernels().expand(values.numpy(), meta.numpy(), dense.numpy())
     return dense
 
 
-def linear_24_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 weight in ``(values, meta)`` layout, transposed, plus ``bias``
     (inference only: no gradient flows through the fused kernel)."""
@@ -105,7 +105,7 @@ def linear_24_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         raise LLMPruneError(f"the numba 2:4 kernel takes float32 inputs, got {x.dtype}")
     flat = x.detach().reshape(-1, in_features)
     if flat.shape[0] > MAX_FUSED_ROWS:
-        return F.linear(x, from_cpu_layout(values, meta), bias)  # F.linear checks the sizes
+        return F.linear(x, from_layout(values, meta), bias)  # F.linear checks the sizes
     y = torch.empty(flat.shape[0], blocks * 4, dtype=torch.float32)
     try:
         _kernels().gemm(values.numpy(), meta.numpy(), flat.contiguous().numpy(), y.numpy())

@@ -4,13 +4,14 @@ from __future__ import annotations
 import pytest
 from conftest import SMOLLM2
 
+from llmprune.state import state
 from llmprune.errors import LLMPruneError
-from llmprune.models import _resolve_gguf, load
+from llmprune.loading import _resolve_gguf, load_pretrained as load
 
 
 def test_load_local_directory(tiny_checkpoint) -> None:
     model, tokenizer = load(tiny_checkpoint)
-    assert model.llmprune_tokenizer is tokenizer and not model.training
+    assert state(model).tokenizer is tokenizer and not model.training
     assert tokenizer("w1 w2").input_ids[-2:] == [4, 5]
 
 
@@ -42,7 +43,7 @@ def test_gguf_resolution(tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM2.exists(), reason=f"SmolLM2 GGUF not found at {SMOLLM2}")
 def test_gguf_benchmark_model_finds_its_layers() -> None:
-    from llmprune.models import ModelAdapter
+    from llmprune.adapter import ModelAdapter
 
     model, _ = load(SMOLLM2)
     adapter = ModelAdapter(model)

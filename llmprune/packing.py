@@ -26,12 +26,13 @@ stored as ``+0.0``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import LLMPruneError
-from ..patterns import range_columns
+from .errors import LLMPruneError
+from .patterns import range_columns
 
 GROUP = 4
 KEEP = 2
@@ -253,3 +254,43 @@ def unpack_bitmask(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch
     dense = torch.zeros(out_features, in_features, dtype=compressed.dtype, device=compressed.device)
     dense[nonzero] = compressed
     return dense
+
+
+# ----------------------------------------------------------------------------- 2:4 with integer codes
+
+class Int24(NamedTuple):
+    """A 2:4 weight ``[out, in]`` whose kept values are ``bits``-bit integer codes on a per-group grid:
+    the canonical form that the 2:4 + INT4 codec writes and every kernel's ``to_layout`` takes.
+
+    The stored positions are those ``stored_positions`` picks (two per group of 4, ascending); a
+    stored value may be 0. Groups of the grid run over ``group_size`` DENSE input columns: column c
+    reads ``scales[:, c // group_size]`` and ``zeros[:, c // group_size]``.
+    """
+
+    codes: torch.Tensor  # uint8 [out, in/2]: the codes of the two stored positions of each group of 4, column order
+    positions: torch.Tensor  # uint8 [out, in/2]: those positions inside their group (0-3), ascending per group
+    scales: torch.Tensor  # float16 [out, ceil(in / group_size)]
+    zeros: torch.Tensor  # float16 [out, ceil(in / group_size)], integers (2^(bits-1) for a symmetric grid)
+    group_size: int
+    bits: int = 4
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], 2 * self.codes.shape[1]
+
+    def columns(self) -> torch.Tensor:
+        """int64 ``[out, in/2]``: the dense column of every stored value."""
+        base = torch.arange(self.codes.shape[1], device=self.codes.device).div(2, rounding_mode="floor") * GROUP
+        return base[None, :] + self.positions.to(torch.int64)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``[out, in]``: ``(code − zero)·scale`` at the stored positions (scale and zero read from
+        float16), 0 elsewhere. The reference every kernel is tested against."""
+        columns = self.columns()
+        group = columns.div(self.group_size, rounding_mode="floor")
+        scale = self.scales.float().gather(1, group)
+        zero = self.zeros.float().gather(1, group)
+        values = (self.codes.float() - zero) * scale
+        out_features, in_features = self.shape
+        dense = torch.zeros(out_features, in_features, dtype=torch.float32, device=self.codes.device)
+        return dense.scatter_(1, columns, values)

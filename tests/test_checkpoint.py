@@ -1,37 +1,36 @@
-"""Packed 2:4 checkpoints: write_packed / read_packed, checked against an independent reader."""
+"""Checkpoints with packed 2:4 linears: written through the codecs, read back, checked against an independent reader."""
 from __future__ import annotations
 
 import importlib.util
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from conftest import STORIES, needs_stories
+from helpers import copy_checkpoint, logits, read_raw, rewrite, tiny_llama
+from transformers import AutoModelForCausalLM
 
 import llmprune
+from llmprune.checkpoint import is_packed_checkpoint, read_checkpoint, write_checkpoint
+from llmprune.checkpoint.codecs.sparse24 import SPARSE24
+from llmprune.checkpoint.safetensors import WEIGHTS_NAME
 from llmprune.errors import LLMPruneError
-from llmprune.formats.packed import WEIGHTS_NAME, is_packed_checkpoint, read_packed, write_packed
-from llmprune.resources import shared_dir
 from llmprune.sparse_linear import SparseLinear
 
-STORIES = shared_dir() / "models" / "stories260K"
-needs_stories = pytest.mark.skipif(not STORIES.exists(), reason=f"real model stories260K not found at {STORIES} (set LLMPRUNE_SHARED)")
+
+def write_packed(model: torch.nn.Module, directory: Path, targets: set[str] | None = None) -> list[str]:
+    return write_checkpoint(model, directory, SPARSE24, targets=targets)
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, **overrides)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+def read_packed(directory: Path, backend: str = "dense", **options) -> torch.nn.Module:
+    return llmprune.load(directory, backend=backend, **options)
 
 
 def pruned(model: torch.nn.Module, vocab: int = 128) -> torch.nn.Module:
     tokens = torch.randint(0, vocab, (8, 32), generator=torch.Generator().manual_seed(1))
-    return llmprune.pipeline.prune(model, method="wanda", pattern="2:4", calib_tokens=tokens, device="cpu", progress=False)
+    return llmprune.prune(model, method="wanda", pattern="2:4", calib_tokens=tokens, device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -46,30 +45,7 @@ def packed_dir(pruned_llama, tmp_path_factory) -> Path:
     return directory
 
 
-def logits(model: torch.nn.Module, vocab: int = 128) -> torch.Tensor:
-    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        return model(ids).logits
-
-
 # --------------------------------------------------------------------------- an independent reader
-
-_NP_DTYPES = {"F32": "<u4", "F16": "<u2", "BF16": "<u2", "I64": "<i8", "U8": "u1"}  # floats as raw bit patterns
-
-
-def read_raw(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """Parse a safetensors file from its bytes: (header, {key: array of raw values})."""
-    raw = Path(path).read_bytes()
-    (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + length])
-    data = raw[8 + length:]
-    arrays = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = entry["data_offsets"]
-        arrays[key] = np.frombuffer(data[start:end], dtype=_NP_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-    return header, arrays
 
 
 def decode_24(compressed: np.ndarray, bitmask: np.ndarray, shape: np.ndarray) -> np.ndarray:
@@ -92,7 +68,7 @@ def test_round_trip_logits_are_exactly_equal(pruned_llama, packed_dir):
     model = read_packed(packed_dir, backend="dense")
     sparse = {name for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     assert len(sparse) == 14 and all(".layers." in name for name in sparse)
-    assert not model.training and set(model.llmprune_backends.values()) == {"dense"}
+    assert not model.training and set(llmprune.state(model).backends.values()) == {"dense"}
     assert torch.equal(logits(model), logits(pruned_llama))
 
 
@@ -203,7 +179,7 @@ def test_unpruned_model_is_written_dense(tmp_path):
     dense = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(logits(dense), logits(model))
     with pytest.raises(LLMPruneError, match="not a packed checkpoint"):
-        read_packed(tmp_path)
+        read_checkpoint(tmp_path)
 
 
 def test_declared_target_that_is_not_24_is_refused(pruned_llama, tmp_path):
@@ -215,31 +191,19 @@ def test_declared_target_that_is_not_24_is_refused(pruned_llama, tmp_path):
 
 def test_cpu_load_records_backends_and_fallbacks(packed_dir):
     model = read_packed(packed_dir, backend="semi-structured")
-    assert set(model.llmprune_backends.values()) == {"dense"}
-    assert len(model.llmprune_fallbacks) == 14 and all("CUDA" in r for r in model.llmprune_fallbacks.values())
+    assert set(llmprune.state(model).backends.values()) == {"dense"}
+    assert len(llmprune.state(model).fallbacks) == 14 and all("CUDA" in r for r in llmprune.state(model).fallbacks.values())
     auto = read_packed(packed_dir, backend="auto")  # on CPU: the numba kernel, when numba is installed
     if importlib.util.find_spec("numba"):
-        assert set(auto.llmprune_backends.values()) == {"numba"} and not auto.llmprune_fallbacks
+        assert set(llmprune.state(auto).backends.values()) == {"numba"} and not llmprune.state(auto).fallbacks
     else:
-        assert all("numba is not installed" in r for r in auto.llmprune_fallbacks.values())
+        assert all("numba is not installed" in r for r in llmprune.state(auto).fallbacks.values())
     assert torch.allclose(logits(auto), logits(model), rtol=1e-4, atol=1e-4)
     with pytest.raises(LLMPruneError, match="unknown backend"):
         read_packed(packed_dir, backend="fast")
 
 
 # --------------------------------------------------------------------------- corrupt checkpoints
-
-def copy_checkpoint(source: Path, target: Path) -> Path:
-    target.mkdir()
-    for path in source.iterdir():
-        (target / path.name).write_bytes(path.read_bytes())
-    return target
-
-
-def rewrite(directory: Path, change) -> None:
-    tensors = load_file(directory / WEIGHTS_NAME)
-    change(tensors)
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 def test_truncated_file_names_the_tensor_cut_off(packed_dir, tmp_path):
@@ -308,7 +272,7 @@ def test_unexpected_tensor_is_refused(packed_dir, tmp_path):
 
 @needs_stories
 def test_stories260k_round_trip_generates_the_same_tokens(tmp_path):
-    from llmprune.models import load
+    from llmprune.loading import load_pretrained as load
 
     model, _ = load(STORIES)
     model = pruned(model, vocab=model.config.vocab_size)

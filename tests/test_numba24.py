@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llmprune.errors import LLMPruneError
-from llmprune.kernels import cpu24
+from llmprune.kernels import numba24
 from llmprune.patterns import NM
 from llmprune.sparse_linear import SparseLinear
 
@@ -43,23 +43,23 @@ def test_layout_matches_a_direct_reading_and_round_trips() -> None:
     weight[0, :4] = 0  # no kept value
     weight[1, 4:8] = torch.tensor([0.0, 0.0, 0.0, 3.0])  # one kept value, in the last position
     weight[2, 8:12] = torch.tensor([-0.0, 2.0, 0.0, 0.0])
-    values, meta = cpu24.to_cpu_layout(weight)
+    values, meta = numba24.to_layout(weight)
     expected_values, expected_meta = reference_layout(weight)
     assert torch.equal(values, expected_values) and torch.equal(meta, expected_meta)
     assert values.shape == (2, 3, 4, 2, 16) and meta.dtype == torch.uint8
-    assert torch.equal(cpu24.from_cpu_layout(values, meta), weight)
+    assert torch.equal(numba24.from_layout(values, meta), weight)
     with pytest.raises(LLMPruneError, match="2:4"):
-        cpu24.to_cpu_layout(torch.ones(4, 8))
+        numba24.to_layout(torch.ones(4, 8))
     with pytest.raises(LLMPruneError, match="divisible by 4"):
-        cpu24.to_cpu_layout(random_24(6, 8))
+        numba24.to_layout(random_24(6, 8))
 
 
 @pytest.mark.parametrize("rows, columns, batch", [
     (4, 16, (1,)),          # one block of four rows, one chunk mostly padding
     (12, 256, (3,)),        # whole chunks
     (28, 100, (2, 4)),      # several rows of x, 3-D input, a padded chunk
-    (64, 128, (cpu24.MAX_FUSED_ROWS,)),      # the last size the fused kernel takes
-    (64, 128, (cpu24.MAX_FUSED_ROWS + 1,)),  # expanded weight and a dense GEMM
+    (64, 128, (numba24.MAX_FUSED_ROWS,)),      # the last size the fused kernel takes
+    (64, 128, (numba24.MAX_FUSED_ROWS + 1,)),  # expanded weight and a dense GEMM
     (1024, 1024, (2,)),     # large enough to run on all threads
 ])
 @pytest.mark.parametrize("bias", [False, True])
@@ -68,30 +68,30 @@ def test_products_match_the_dense_masked_matmul(rows, columns, batch, bias) -> N
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(*batch, columns, generator=generator)
     b = torch.randn(rows, generator=generator) if bias else None
-    y = cpu24.linear_24_cpu(x, *cpu24.to_cpu_layout(weight), b)
+    y = numba24.linear(x, *numba24.to_layout(weight), b)
     assert y.shape == (*batch, rows)
     torch.testing.assert_close(y, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
 
 
 def test_wrong_input_size_is_refused() -> None:
-    values, meta = cpu24.to_cpu_layout(random_24(8, 136))
+    values, meta = numba24.to_layout(random_24(8, 136))
     for columns in (132, 140, 200):  # inside the padded chunk, just past the weight, far past it
-        for rows in (1, cpu24.MAX_FUSED_ROWS + 1):  # the fused kernel and the expanded GEMM
+        for rows in (1, numba24.MAX_FUSED_ROWS + 1):  # the fused kernel and the expanded GEMM
             with pytest.raises((LLMPruneError, RuntimeError), match="input features|shapes cannot be multiplied"):
-                cpu24.linear_24_cpu(torch.randn(rows, columns), values, meta)
+                numba24.linear(torch.randn(rows, columns), values, meta)
 
 
 def test_other_devices_are_refused() -> None:
-    values, meta = cpu24.to_cpu_layout(random_24(8, 64))
+    values, meta = numba24.to_layout(random_24(8, 64))
     with pytest.raises(LLMPruneError, match="runs on CPU"):
-        cpu24.linear_24_cpu(torch.randn(1, 64, device="meta"), values, meta)
+        numba24.linear(torch.randn(1, 64, device="meta"), values, meta)
 
 
 def test_nan_in_a_kept_input_reaches_the_output() -> None:
     weight = random_24(8, 16)
     x = torch.randn(1, 16)
     x[0, 5] = float("nan")
-    y = cpu24.linear_24_cpu(x, *cpu24.to_cpu_layout(weight))
+    y = numba24.linear(x, *numba24.to_layout(weight))
     uses_it = weight[:, 5] != 0
     assert y[0, uses_it].isnan().all() and not y[0, ~uses_it].isnan().any()
 
@@ -113,4 +113,4 @@ def test_sparse_linear_numba_backend_and_its_fallbacks() -> None:
     assert half.backend == "dense" and "float32" in half.fallback_reason
     odd = SparseLinear(weight[:10], backend="numba")
     assert odd.backend == "dense" and "multiple of 4" in odd.fallback_reason
-    assert cpu24.cpu_unavailable(weight) is None
+    assert numba24.unavailable(weight) is None

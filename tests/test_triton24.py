@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llmprune.errors import LLMPruneError
-from llmprune.formats.sparse24 import pack_24
+from llmprune.packing import pack_24
 from llmprune.kernels.triton24 import from_layout, to_layout
 from llmprune.patterns import NM
 
@@ -35,7 +35,7 @@ def test_layout_round_trips_and_matches_the_packed_values(dtype) -> None:
 
 KERNEL_CHECK = textwrap.dedent('''
     import torch
-    from llmprune.kernels.triton24 import linear_24, to_layout
+    from llmprune.kernels.triton24 import linear, to_layout
     from llmprune.patterns import NM
     from llmprune.sparse_linear import SparseLinear
 
@@ -49,7 +49,7 @@ KERNEL_CHECK = textwrap.dedent('''
         b = torch.randn(rows, generator=gen).to(dtype) if bias else None
         expected = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float()).to(dtype)
         rtol, atol = tolerance[dtype]
-        torch.testing.assert_close(linear_24(x, *to_layout(weight), b), expected, rtol=rtol, atol=atol)
+        torch.testing.assert_close(linear(x, *to_layout(weight), b), expected, rtol=rtol, atol=atol)
         module = SparseLinear(weight, b, backend="triton")
         assert module.backend == "triton", module.fallback_reason
         assert torch.equal(module.weight, weight)

@@ -1,0 +1,104 @@
+"""The typed ``Recipe``: what a pruning run does, built and validated once for the CLI and the API alike.
+
+``Recipe.build`` turns user-level settings (names and numbers, as on the command line) into objects:
+the pruner, the pattern, the refiner, the allocation strategy and the calibration spec. Building it
+is where every bad setting fails, before any model is loaded.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+
+import torch
+
+from . import calib as calibration
+from ._version import __version__
+from .allocation import Allocation, make_allocation
+from .errors import LLMPruneError
+from .patterns import Pattern, parse_pattern
+from .pruners import Pruner, make_pruner, make_refiner
+from .pruners.dsnot import DSnoT
+from .report import RecipeRecord
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Which calibration text, and how many windows of how many tokens, drawn with which seed."""
+
+    spec: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise LLMPruneError(f"need nsamples >= 1 and seqlen >= 2; got {self.nsamples} x {self.seqlen}")
+
+    def tokens(self, tokenizer) -> torch.Tensor:
+        """``LongTensor[nsamples, seqlen]`` (see ``calib.tokens``)."""
+        return calibration.tokens(self.spec, tokenizer, self.nsamples, self.seqlen, self.seed)
+
+
+@dataclass
+class Recipe:
+    method: str
+    pruner: Pruner
+    pattern: Pattern
+    allocation: Allocation
+    calibration: Calibration = field(default_factory=Calibration)
+    refiner: DSnoT | None = None
+    pruner_options: dict = field(default_factory=dict)  # as given, recorded in the report
+    refine_options: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, method: str = "wanda", pattern: str | Pattern | None = None, sparsity: float | None = None, *,
+              refine: str | None = None, refine_options: dict | None = None, allocation: str = "uniform",
+              owl_lambda: float = 0.08, owl_m: float = 5.0, dense_fraction: float | None = None,
+              hybrid_select: str = "error", hybrid_budget: str = "uniform", hybrid_block: int = 64,
+              calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+              **pruner_options) -> Recipe:
+        """Validate every setting and build the objects. ``pattern``: ``unstructured`` (with ``sparsity``),
+        N:M such as ``2:4``, or ``hybrid:2:4`` (with ``dense_fraction`` of each linear's input columns kept
+        dense in blocks of ``hybrid_block``); ``pruner_options`` go to the pruner (e.g. SparseGPT's
+        ``blocksize``), ``refine_options`` to the refiner (``refine="dsnot"``)."""
+        pruner = make_pruner(method, **pruner_options)
+        refine_options = dict(refine_options or {})
+        if refine_options and not refine:
+            raise LLMPruneError("--dsnot-* options need --refine dsnot")
+        refiner = make_refiner(refine, **refine_options) if refine else None
+        if not isinstance(pattern, Pattern.__args__):
+            pattern = parse_pattern(pattern, sparsity, dense_fraction, hybrid_block)
+        strategy = make_allocation(allocation, pattern, owl_lambda=owl_lambda, owl_m=owl_m,
+                                   hybrid_select=hybrid_select, hybrid_budget=hybrid_budget)
+        return cls(method, pruner, pattern, strategy, Calibration(calib, nsamples, seqlen, seed), refiner,
+                   dict(pruner_options), refine_options)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The input statistics the main pass collects."""
+        return self.pruner.needs | (self.refiner.needs if self.refiner else frozenset()) | self.allocation.needs
+
+    @property
+    def hessian_dtype(self) -> torch.dtype:
+        return getattr(self.pruner, "hessian_dtype", torch.float32)
+
+    def record(self, source: str | None, device: str, calibration_spec: str | None = None,
+               tokens: torch.Tensor | None = None) -> RecipeRecord:
+        """The report's view of this recipe (after the run: OWL's ratios are known then)."""
+        calib = self.calibration
+        nsamples, seqlen = (calib.nsamples, calib.seqlen) if tokens is None else (int(tokens.shape[0]), int(tokens.shape[1]))
+        return RecipeRecord(
+            method=self.method, pattern=str(self.pattern), target_sparsity=self.pattern.target_sparsity,
+            options=self.pruner_options,
+            refine={"name": self.refiner.name, **self.refine_options} if self.refiner else None,
+            calibration={"spec": calibration_spec or calib.spec, "nsamples": nsamples, "seqlen": seqlen,
+                         "seed": calib.seed},
+            source=source, device=device, versions=recorded_versions(), **self.allocation.record())
+
+
+def recorded_versions() -> dict[str, str]:
+    """The versions a report records (what the numbers of a run depend on)."""
+    import transformers
+
+    return {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}

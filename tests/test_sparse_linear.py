@@ -1,0 +1,90 @@
+"""SparseLinear: exact on the dense backend, the replaced module's layout and state dict, backend choice
+and fallbacks (the CUDA kernels where a GPU is present)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from helpers import bits, random_24
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from llmprune.errors import LLMPruneError
+from llmprune.packing import pack_24, unpack_24
+from llmprune.sparse_linear import SparseLinear
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the 2:4 semi-structured kernels need one")
+
+
+def test_sparse_linear_dense_backend_matches_nn_linear_exactly():
+    linear = nn.Linear(32, 24)
+    with torch.no_grad():
+        linear.weight.copy_(random_24(24, 32, seed=5))
+    compressed, bitmask = pack_24(linear.weight)
+    sparse = SparseLinear(unpack_24(compressed, bitmask, (24, 32)), bias=linear.bias, name="proj")
+    x = torch.randn(3, 7, 32)
+    assert sparse.backend == "dense" and sparse.fallback_reason is None
+    assert torch.equal(sparse(x), linear(x))
+    assert torch.equal(sparse.weight, linear.weight)
+    assert (sparse.in_features, sparse.out_features) == (32, 24)
+    assert "backend=dense" in repr(sparse) and "in_features=32" in repr(sparse)
+
+
+def test_sparse_linear_replaces_conv1d_exactly():
+    conv = Conv1D(24, 32)  # GPT-2 layout: weight [in=32, out=24]
+    with torch.no_grad():
+        conv.weight.copy_(random_24(24, 32, seed=6).T)
+        conv.bias.normal_()
+    sparse = SparseLinear(conv.weight.T, conv.bias, transposed=True, name="c_fc")
+    x = torch.randn(2, 5, 32)
+    assert torch.equal(sparse(x), conv(x))
+    state = sparse.state_dict()
+    assert tuple(state["weight"].shape) == (32, 24) and torch.equal(state["weight"], conv.weight)
+
+
+def test_sparse_linear_state_dict_is_the_dense_weight():
+    weight = random_24(16, 8, seed=7)
+    sparse = SparseLinear(weight, torch.zeros(16))
+    state = sparse.state_dict()
+    assert set(state) == {"weight", "bias"} and torch.equal(state["weight"], weight)
+
+
+def test_sparse_linear_refuses_non_24_and_unknown_backend():
+    weight = random_24(4, 8)
+    weight[0, :3] = 1.0
+    with pytest.raises(LLMPruneError, match="q_proj is not 2:4"):
+        SparseLinear(weight, name="q_proj")
+    with pytest.raises(LLMPruneError, match="unknown SparseLinear backend"):
+        SparseLinear(random_24(4, 8), backend="cusparse")
+
+
+@pytest.mark.parametrize("backend, reason", [("auto", "float32|numba is not installed"), ("semi-structured", "CUDA")])
+def test_semi_structured_falls_back_to_dense_off_cuda(backend, reason):
+    weight = random_24(64, 64, dtype=torch.float16)  # auto on CPU asks the numba kernel, which takes float32
+    sparse = SparseLinear(weight, backend=backend, name="mlp.up_proj")
+    assert sparse.backend == "dense" and re.search(reason, sparse.fallback_reason)
+    assert f"asked {backend}" in repr(sparse)
+    x = torch.randn(4, 64, dtype=torch.float16)
+    assert torch.equal(sparse(x), torch.nn.functional.linear(x, weight))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_semi_structured_backend_on_cuda(dtype):
+    from llmprune.kernels.semi_structured import unavailable
+
+    weight = random_24(128, 256, dtype=dtype).cuda()
+    reason = unavailable(weight)
+    if reason is not None:
+        pytest.skip(f"2:4 kernels unavailable on this GPU: {reason}")
+    bias = torch.randn(128, dtype=dtype, device="cuda")
+    sparse = SparseLinear(weight, bias, backend="semi-structured", name="up_proj")
+    assert sparse.backend == "semi-structured", sparse.fallback_reason
+    x = torch.randn(3, 5, 256, dtype=dtype, device="cuda")
+    expected = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+    torch.testing.assert_close(sparse(x).float(), expected, rtol=2e-2, atol=2e-2)
+    assert torch.equal(bits(sparse.weight), bits(weight))
+    assert torch.equal(sparse.state_dict()["weight"], weight)
+    small = SparseLinear(random_24(8, 12, dtype=dtype).cuda(), backend="auto", name="tiny")
+    assert small.backend == "dense" and "multiple" in small.fallback_reason

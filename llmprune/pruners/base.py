@@ -9,14 +9,17 @@ import torch
 from ..errors import LLMPruneError
 from ..patterns import Pattern
 from ..stats import InputStats
+from .quantizer import Quantized
 
 
 @dataclass
 class Pruned:
-    """A pruned ``[out, in]`` weight (float32, zeros are +0.0) and facts for the layer report."""
+    """A pruned ``[out, in]`` weight (float32, zeros are +0.0) and facts for the layer report; when it was
+    also quantized, ``weight`` is the dequantized weight and ``quantized`` its codes, scales and zero points."""
 
     weight: torch.Tensor
     info: dict = field(default_factory=dict)
+    quantized: Quantized | None = None
 
 
 class Pruner(Protocol):

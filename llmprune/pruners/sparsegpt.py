@@ -1,9 +1,10 @@
-"""SparseGPT (Frantar & Alistarh, 2023): optimal-brain-surgeon pruning, one input column at a time.
+"""SparseGPT (Frantar & Alistarh, 2023) and GPTQ (Frantar et al., 2022): one optimal-brain-surgeon
+sweep over the input columns that prunes, quantizes, or both.
 
-For one output row w and layer inputs x, the error of a pruned row ŵ is E‖(w−ŵ)x‖² = ½δHδᵀ with
+For one output row w and layer inputs x, the error of a changed row ŵ is E‖(w−ŵ)x‖² = ½δHδᵀ with
 δ = w−ŵ and H = 2·E[xxᵀ] (``InputStats.hessian``). Columns are processed left to right; when
-column j is set to q (its kept value or 0), the columns not yet processed (F = j..in−1) absorb
-the error optimally:
+column j is set to q (0 if pruned; its kept value, or that value rounded to the quantization
+grid), the columns not yet processed (F = j..in−1) absorb the error optimally:
 
     δ_F = −(w_j − q_j) / [H_F⁻¹]_jj · [H_F⁻¹]_j,:        loss += (w_j − q_j)² / (2·[H_F⁻¹]_jj)
 
@@ -11,6 +12,14 @@ Row j of the upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) is [H_F⁻¹]_j,
 d_j = U_jj every step reads one row of U:  err = (w_j − q_j)/d_j,  W[:, j+1:] −= err ⊗ U[j, j+1:].
 Columns go in blocks of ``blocksize``: updates inside the block are immediate, the rest of the
 matrix gets one matmul per block (``lazy batch update``; mathematically identical).
+
+What q_j is decides the method, in the same loop:
+  * ``SparseGPT.prune``: q_j = w_j if kept else 0, the mask chosen on the way (below).
+  * ``SparseGPT.prune(..., quantizer=Q)``: q_j = Q(w_j) if kept else 0, the paper's joint
+    sparsification and quantization: both errors are compensated by the columns not yet processed.
+  * ``GPTQ.quantize(weight, keep=mask)``: q_j = Q(w_j) if kept else 0 under a fixed mask (magnitude
+    and Wanda results; no mask is plain GPTQ, the dense baseline). Given the pruned weight, only the
+    quantization error is compensated; given the dense weight and the mask, the pruning error too.
 
 Masks are chosen from the OBS score w²/d², using weights already updated by earlier columns:
   * N:M: at the first column of every group of m, each row prunes its m−n lowest scores there.
@@ -22,16 +31,37 @@ Masks are chosen from the OBS score w²/d², using weights already updated by ea
     ``remaining budget`` lowest that fall inside the block; the rest of the budget waits for later
     blocks, whose scores will have absorbed this block's updates. Rows meet their count exactly,
     blocks may differ in sparsity (so a block of strong input channels can keep more weights),
-    and with ``blocksize >= in`` this is the one-shot per-row mask. Against a fixed per-block
-    quota (row budget split by block width) it gave 10-55% lower ‖(W−Ŵ)X‖ on synthetic correlated
-    inputs at blocksize 16-32, and stories260K perplexity 167.1 vs 168.7 (50%), 404 vs 423 (70%).
+    and with ``blocksize >= in`` this is the one-shot per-row mask. It gives a lower
+    reconstruction error and perplexity than a fixed per-block quota (the row budget split by
+    block width); the measurements are in eval/RESULTS.md.
 Ties are broken as everywhere in llmprune: the lower input index is pruned first (stable sort).
+
+Quantization groups (``Quantizer``) are runs of dense input columns. As in GPTQ, a group's scale
+and zero point are fixed when its first column is reached, from the group's weights as they are
+then (already moved by the updates of earlier columns), and later updates are rounded onto that
+grid. Which of the group's weights the grid is fitted to: those not known to be pruned at that
+moment. A pruned weight becomes 0, which every grid holds, so it has no claim on the range; a
+weight whose fate is still open must stay representable, or a kept one would be clamped. With a
+fixed mask that is exactly the kept weights. Jointly with N:M it is the kept weights of the group
+of m just decided plus all weights further right; jointly with unstructured sparsity the current
+block's masks are known. Deciding the N:M masks of a whole quantization group ahead, to fit its
+grid to kept weights only, would change SparseGPT's masks (each group of m is decided on weights
+updated by the columns before it), and guessing them would clamp the kept weights guessed wrong,
+so the grid takes what is known. The extremes that set a grid are mostly large weights, which
+pruning keeps, so this rule and fitting every weight came out within noise of each other on
+synthetic correlated inputs; the rule is kept because it can only drop range that is never used.
+What a one-pass grid cannot foresee are the updates still to come: 2:4's are large and push some
+kept weights off their group's grid (clamped, the error compensated like any other), so pruning
+first and running GPTQ under the fixed mask afterwards is occasionally the better of the two.
+Kept weights that round to 0 are zeros too: the zeros of the result cover the mask, not equal it.
 
 Hybrid split (an ``NM`` with ``dense`` ranges): the columns are reordered so the dense ones come
 last, with H permuted to match. The N:M columns are pruned first and the OBS updates carry their
 error into every column not yet processed, the whole dense region included: the dense weights are
 never pruned but they absorb the compensation, which is what makes the split stronger than
-pruning 2:4 and then restoring some columns.
+pruning 2:4 and then restoring some columns. With a quantizer the dense weights are quantized;
+groups stay by dense column index, so a group split across both regions gets its grid at its
+first sparse column, from the current weights of all its columns (pending lazy updates applied).
 
 H is damped first: inputs that were always 0 (diag H = 0) get diag 1 and their weights are
 zeroed (free to prune); then λ = percdamp·mean(diag H) is added to the diagonal, ×10 per retry
@@ -42,7 +72,8 @@ updated again. Work is in the Hessian dtype (float32, or float64 for reference r
 
 Report (``Pruned.info``): ``damping`` (λ / mean diag H actually used), ``damp_retries``,
 ``obs_loss`` (Σ (w−q)²/(2d²) = ½·tr(δ(H+λI)δᵀ), the predicted mean ‖(W−Ŵ)x‖² per token under the
-damped H), ``dead_inputs``, ``factor_reused``.
+damped H), with a quantizer ``quant_loss`` (the part of ``obs_loss`` from rounding kept weights;
+the rest is pruning), ``dead_inputs``, ``factor_reused``.
 """
 from __future__ import annotations
 
@@ -57,7 +88,7 @@ from ..errors import LLMPruneError
 from ..patterns import NM, Pattern, Unstructured
 from ..stats import HESSIAN, InputStats
 from .base import Pruned, float_dtype
-
+from .quantizer import Quantized, Quantizer
 
 
 @dataclass
@@ -74,7 +105,7 @@ class _Factor:
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """Run the column loop single-threaded: its thousands of tiny ops gain nothing from OpenMP, and on
-    shared cores the barriers thrash (measured 5-15 s vs 0.1-0.6 s per SmolLM2 linear on 2 busy cores)."""
+    shared cores the barriers thrash, making it many times slower (measurements in eval/RESULTS.md)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -83,35 +114,80 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-class SparseGPT:
-    name = "sparsegpt"
+class _Codes:
+    """The quantized weight being built column by column, in processing order (``dense_index[p]`` is
+    the dense input column at position p), with the groups of ``quantizer`` in dense column indices."""
+
+    def __init__(self, quantizer: Quantizer, rows: int, dense_index: torch.Tensor) -> None:
+        columns = dense_index.numel()
+        group = quantizer.group_of(dense_index, columns)
+        self.quantizer = quantizer
+        self.group = group.tolist()  # group of each position
+        self.members = [(group == g).nonzero().flatten() for g in range(quantizer.groups(columns))]  # positions
+        self.first = {int(positions[0]): g for g, positions in enumerate(self.members) if positions.numel()}
+        self.codes = torch.empty(rows, columns, dtype=torch.uint8, device=dense_index.device)
+        self.scales = torch.ones(rows, len(self.members), dtype=torch.float16, device=dense_index.device)
+        self.zeros = torch.zeros_like(self.scales)
+
+    def fit(self, group: int, weights: torch.Tensor, kept: torch.Tensor) -> None:
+        """Fix the grid of ``group`` from its current ``weights`` ``[out, members]`` not known to be pruned."""
+        self.scales[:, group], self.zeros[:, group] = self.quantizer.params(weights, kept)
+
+    def round(self, position: int, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Record the codes of column ``w`` (pruned rows: the zero point) and return its values."""
+        scale, zero = self.scales[:, self.group[position]], self.zeros[:, self.group[position]]
+        codes = torch.where(keep, self.quantizer.quantize(w, scale, zero), zero.to(torch.uint8))
+        self.codes[:, position] = codes
+        return Quantizer.dequantize(codes, scale, zero).to(w.dtype)
+
+    def result(self, order: torch.Tensor | None) -> Quantized:
+        codes = self.codes if order is None else torch.empty_like(self.codes).index_copy_(1, order, self.codes)
+        return Quantized(codes, self.scales, self.zeros, self.quantizer)
+
+
+class GPTQ:
+    """The OBS column sweep under a fixed mask: GPTQ quantization of dense or already-pruned weights."""
+
+    name = "gptq"
+    title = "GPTQ"  # in messages
     needs = frozenset({HESSIAN})
     max_damp_retries = 4  # damping ×10 per retry, so at most ×10⁴ the requested percdamp
 
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01,
                  hessian_dtype: torch.dtype | str = torch.float32) -> None:
         if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-            raise LLMPruneError(f"SparseGPT blocksize must be a positive integer (e.g. 128); got {blocksize!r}")
+            raise LLMPruneError(f"{self.title} blocksize must be a positive integer (e.g. 128); got {blocksize!r}")
         if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 < percdamp < float("inf"):
-            raise LLMPruneError(f"SparseGPT percdamp must be a positive fraction of mean diag(H) (e.g. 0.01); "
+            raise LLMPruneError(f"{self.title} percdamp must be a positive fraction of mean diag(H) (e.g. 0.01); "
                                 f"got {percdamp!r}")
         self.blocksize = blocksize
         self.percdamp = float(percdamp)
-        self.hessian_dtype = float_dtype(hessian_dtype, "SparseGPT hessian_dtype")
+        self.hessian_dtype = float_dtype(hessian_dtype, f"{self.title} hessian_dtype")
         self._factors: weakref.WeakKeyDictionary[InputStats, dict[tuple, _Factor]] = weakref.WeakKeyDictionary()
 
-    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
-        """Prune ``weight`` ``[out, in]`` to ``pattern``; returned (a new tensor) in the dtype it came in,
-        pruned entries +0.0. ``stats.hessian`` is read, never written (q/k/v share it)."""
+    def quantize(self, weight: torch.Tensor, stats: InputStats | None, quantizer: Quantizer,
+                 keep: torch.Tensor | None = None) -> Pruned:
+        """Quantize ``weight`` ``[out, in]`` with ``quantizer``, entries where the bool ``keep`` is False set
+        to 0 (their current value compensated like a rounding error); ``keep=None`` is dense GPTQ.
+        ``Pruned.weight`` is the dequantized weight (in the dtype ``weight`` came in), ``.quantized`` the codes."""
+        self._check(weight, stats)
+        if keep is not None and (keep.shape != weight.shape or keep.dtype != torch.bool):
+            raise LLMPruneError(f"{self.title} needs a bool keep-mask of the weight's shape {tuple(weight.shape)}; "
+                                f"got {keep.dtype} {tuple(keep.shape)}")
+        return self._sweep(weight, stats, None, quantizer, keep)
+
+    def _check(self, weight: torch.Tensor, stats: InputStats | None) -> None:
         if stats is None or stats.hessian is None:
-            raise LLMPruneError("SparseGPT needs the Hessian of the layer inputs; collect InputStats with HESSIAN")
+            raise LLMPruneError(f"{self.title} needs the Hessian of the layer inputs; collect InputStats with HESSIAN")
+        if stats.in_features != weight.shape[1]:
+            raise LLMPruneError(f"{self.title} got a weight with {weight.shape[1]} inputs but a Hessian for "
+                                f"{stats.in_features}")
+
+    def _sweep(self, weight: torch.Tensor, stats: InputStats, pattern: NM | Unstructured | None,
+               quantizer: Quantizer | None, mask: torch.Tensor | None) -> Pruned:
+        """The OBS column loop (module docstring): masks chosen by ``pattern`` on the way or fixed by ``mask``
+        (None: all kept); kept weights rounded by ``quantizer`` (None: kept as they are)."""
         rows, columns = weight.shape
-        if stats.in_features != columns:
-            raise LLMPruneError(f"SparseGPT got a weight with {columns} inputs but a Hessian for {stats.in_features}")
-        pattern.validate("the weight", rows, columns)
-        if isinstance(pattern, NM) and self.blocksize % pattern.m:
-            raise LLMPruneError(f"SparseGPT blocksize {self.blocksize} must be a multiple of M={pattern.m} for pattern "
-                                f"{pattern}; use --blocksize {max(pattern.m, self.blocksize // pattern.m * pattern.m)}")
         order, sparse_width = None, columns
         if isinstance(pattern, NM) and pattern.dense:
             dense = pattern.dense_columns(columns, weight.device)
@@ -125,6 +201,10 @@ class SparseGPT:
         work[:, factor.dead] = 0.0  # inputs that are always 0: the weight does nothing, drop it for free
         zero = torch.zeros((), dtype=work.dtype, device=work.device)
         loss = torch.zeros((), dtype=work.dtype, device=work.device)
+        quant_loss = torch.zeros((), dtype=work.dtype, device=work.device)
+        keep_all = torch.ones_like(work, dtype=torch.bool) if mask is None else mask.clone()  # known so far
+        codes = None if quantizer is None else _Codes(
+            quantizer, rows, torch.arange(columns, device=work.device) if order is None else order)
         if isinstance(pattern, Unstructured):
             budget = torch.full((rows, 1), pattern.pruned_per_row(columns), device=work.device)
         for start in range(0, columns, self.blocksize):
@@ -132,10 +212,10 @@ class SparseGPT:
             block, block_hinv = work[:, start:end].clone(), hinv[start:end, start:end]
             d = block_hinv.diagonal()
             errors = torch.zeros_like(block)
-            keep = torch.ones_like(block, dtype=torch.bool)
+            keep = keep_all[:, start:end]  # a view: masks chosen here are known to later grid fits
             if isinstance(pattern, Unstructured):
                 scores = work[:, start:].square() / hinv.diagonal()[start:].square()
-                keep = _keep_in_block(scores, budget, end - start)
+                keep[:] = _keep_in_block(scores, budget, end - start)
                 budget -= (~keep).sum(-1, keepdim=True)
             with _one_thread():
                 for j in range(end - start):
@@ -143,16 +223,34 @@ class SparseGPT:
                         group = slice(j, j + pattern.m)
                         keep[:, group] = pattern.keep_mask(block[:, group].square() / d[group].square())
                     w = block[:, j]
-                    q = torch.where(keep[:, j], w, zero)
+                    if codes is None:
+                        q = torch.where(keep[:, j], w, zero)
+                    else:
+                        quant_group = codes.first.get(start + j)
+                        if quant_group is not None:  # it starts here: its grid from its weights as they are now
+                            members = codes.members[quant_group]
+                            inside, later = members[members < end], members[members >= end]
+                            pending = errors @ hinv[start:end, later]  # this block's lazy update, not applied yet
+                            now = torch.cat([block[:, inside - start], work[:, later] - pending], 1)
+                            codes.fit(quant_group, now, keep_all[:, members])
+                        q = codes.round(start + j, w, keep[:, j])
                     err = (w - q) / d[j]
                     loss += err.square().sum() / 2
+                    if codes is not None:
+                        quant_loss += torch.where(keep[:, j], err, zero).square().sum() / 2
                     block[:, j + 1:] -= err[:, None] * block_hinv[j, j + 1:][None, :]
                     block[:, j] = q
                     errors[:, j] = err
             work[:, start:end] = block
             work[:, end:] -= errors @ hinv[start:end, end:]
         info = {"damping": float(f"{factor.damping:.3g}"), "damp_retries": factor.retries,
-                "obs_loss": float(f"{float(loss):.6g}"), "dead_inputs": int(factor.dead.sum()), "factor_reused": reused}
+                "obs_loss": float(f"{float(loss):.6g}")}
+        if codes is not None:
+            info["quant_loss"] = float(f"{float(quant_loss):.6g}")
+        info |= {"dead_inputs": int(factor.dead.sum()), "factor_reused": reused}
+        if codes is not None:
+            quantized = codes.result(order)
+            return Pruned(quantized.dequantize().to(weight.dtype), info, quantized)
         if order is not None:
             work = torch.empty_like(work).index_copy_(1, order, work)
         return Pruned(work.to(weight.dtype) + 0.0, info)  # + 0.0 turns any −0.0 into +0.0
@@ -191,11 +289,31 @@ class SparseGPT:
                     return _Factor(upper, dead, damping, retry, source)
             damping *= 10
         raise LLMPruneError(
-            f"SparseGPT could not factorise a Hessian ({h.shape[0]} inputs): it is not positive definite even with "
+            f"{self.title} could not factorise a Hessian ({h.shape[0]} inputs): it is not positive definite even with "
             f"damping {damping / 10:g} × mean diag(H) ({self.max_damp_retries} retries from percdamp {self.percdamp:g}); "
             f"the calibration inputs are degenerate. Raise --percdamp or use more --nsamples / --seqlen, "
             f"or compute the Hessian in float64 (hessian_dtype)."
         )
+
+
+class SparseGPT(GPTQ):
+    """Pruning to a pattern with OBS updates; with a ``quantizer`` the kept weights are quantized in the same sweep."""
+
+    name = "sparsegpt"
+    title = "SparseGPT"
+
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern,
+              quantizer: Quantizer | None = None) -> Pruned:
+        """Prune ``weight`` ``[out, in]`` to ``pattern``; returned (a new tensor) in the dtype it came in,
+        pruned entries +0.0. ``stats.hessian`` is read, never written (q/k/v share it). With a ``quantizer``
+        the weight is the dequantized one and ``Pruned.quantized`` holds its codes."""
+        self._check(weight, stats)
+        rows, columns = weight.shape
+        pattern.validate("the weight", rows, columns)
+        if isinstance(pattern, NM) and self.blocksize % pattern.m:
+            raise LLMPruneError(f"SparseGPT blocksize {self.blocksize} must be a multiple of M={pattern.m} for pattern "
+                                f"{pattern}; use --blocksize {max(pattern.m, self.blocksize // pattern.m * pattern.m)}")
+        return self._sweep(weight, stats, pattern, quantizer, None)
 
 
 

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--format", dest="storage", default="auto", choices=["auto", "bitmask"],
                        help="auto (default): 2:4 and hybrid packed, other patterns dense safetensors; bitmask: other "
                             "patterns in the legacy compressed-tensors sparse-bitmask layout (smaller files, loads dense)")
+    prune.add_argument("--passes", type=int, default=1, choices=[1, 2],
+                       help="1 (default): every GEMM of a layer runs once, and each group of linears gets its "
+                            "statistics with the groups before it already pruned; 2: the papers' order, statistics "
+                            "with the dense layer, then a second pass for the outputs (less memory)")
     prune.add_argument("--out", required=True, help="output directory (written atomically)")
     prune.add_argument("--in-memory", dest="in_memory", action="store_true",
                        help="load the whole model first even when MODEL is a safetensors checkpoint directory "
@@ -197,7 +201,7 @@ def recipe_from_args(args: argparse.Namespace):
                         allocation=args.allocation, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
                         dense_fraction=args.dense_fraction, hybrid_select=args.hybrid_select,
                         hybrid_budget=args.hybrid_budget, hybrid_block=args.hybrid_block, calib=args.calib,
-                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, **options)
+                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, passes=args.passes, **options)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:

@@ -36,23 +36,36 @@ from .stats import InputStats
 
 
 def prune_layer(recipe: Recipe, index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> dict[str, dict]:
-    """Prune every linear of decoder layer ``index`` in place; per-linear facts for the report."""
+    """Prune the given linears of decoder layer ``index`` in place; per-linear facts for the report.
+
+    Linears that read the same input and get the same pattern go to the pruner together when it can
+    solve them as one problem (``prune_many``: SparseGPT's column loop over q/k/v stacked)."""
+    originals = {name: linear.weight.float().clone() for name, linear in linears.items()}
+    patterns = {name: recipe.allocation.pattern_for(index, name, originals[name], stats.get(name)) for name in linears}
+    groups: dict[tuple, list[str]] = {}
+    for name in linears:
+        together = hasattr(recipe.pruner, "prune_many") and not getattr(patterns[name], "dense", ())
+        key = (id(stats.get(name)), patterns[name]) if together else (name,)
+        groups.setdefault(key, []).append(name)
     info = {}
-    for name, linear in linears.items():
+    for names in groups.values():
         clock = time.perf_counter()
-        original = linear.weight.float().clone()
-        pattern = recipe.allocation.pattern_for(index, name, original, stats.get(name))
-        result = recipe.pruner.prune(original.clone(), stats.get(name), pattern)
-        if recipe.refiner is not None and recipe.refiner.applies_to(name):
-            refined = recipe.refiner.refine(original, result.weight, stats[name], pattern)
-            result = Pruned(refined.weight, {**result.info, **refined.info})
-        bad = pattern.violations(result.weight)
-        if bad:
-            raise RuntimeError(f"{recipe.method} produced a weight for {name} that breaks {pattern} in {bad} rows/groups")
-        linear.set_weight(result.weight)
-        info[name] = {"seconds": round(time.perf_counter() - clock, 4), **result.info}
-        if isinstance(recipe.pattern, Hybrid):  # every linear of a split says where its dense columns are
-            info[name]["dense_columns"] = [list(r) for r in pattern.dense]
+        shared, pattern = stats.get(names[0]), patterns[names[0]]
+        if len(names) > 1:
+            results = recipe.pruner.prune_many([originals[n].clone() for n in names], shared, pattern)
+        else:
+            results = [recipe.pruner.prune(originals[names[0]].clone(), shared, pattern)]
+        for name, result in zip(names, results):
+            if recipe.refiner is not None and recipe.refiner.applies_to(name):
+                refined = recipe.refiner.refine(originals[name], result.weight, stats[name], pattern)
+                result = Pruned(refined.weight, {**result.info, **refined.info})
+            bad = pattern.violations(result.weight)
+            if bad:
+                raise RuntimeError(f"{recipe.method} produced a weight for {name} that breaks {pattern} in {bad} rows/groups")
+            linears[name].set_weight(result.weight)
+            info[name] = {"seconds": round((time.perf_counter() - clock) / len(names), 4), **result.info}
+            if isinstance(recipe.pattern, Hybrid):  # every linear of a split says where its dense columns are
+                info[name]["dense_columns"] = [list(r) for r in pattern.dense]
     return info
 
 
@@ -81,12 +94,13 @@ def run(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, device: str =
     facts: dict[int, dict[str, dict]] = {}
 
     def process(index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> dict[str, dict]:
-        facts[index] = prune_layer(recipe, index, linears, stats)
-        return facts[index]
+        info = prune_layer(recipe, index, linears, stats)  # all of a layer's linears, or one group of them
+        facts.setdefault(index, {}).update(info)
+        return info
 
     layers = stream.layerwise(adapter, share, process, needs=recipe.needs, share_stats=share_stats,
-                              hessian_dtype=recipe.hessian_dtype,
-                              on_done=None if on_done is None else lambda index: on_done(index, facts.pop(index)),
+                              hessian_dtype=recipe.hessian_dtype, passes=recipe.passes,
+                              on_done=None if on_done is None else lambda index: on_done(index, facts.pop(index, {})),
                               **stream_options)
     total = sum(lin.shape[0] * lin.shape[1] for layer in layers for lin in layer.linears)
     zeros = sum(lin.zeros for layer in layers for lin in layer.linears)

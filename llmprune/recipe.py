@@ -49,18 +49,23 @@ class Recipe:
     refiner: DSnoT | None = None
     pruner_options: dict = field(default_factory=dict)  # as given, recorded in the report
     refine_options: dict = field(default_factory=dict)
+    passes: int = 1  # 1: each GEMM once, each group's statistics after the groups before it are pruned; 2: the papers' order
 
     @classmethod
     def build(cls, method: str = "wanda", pattern: str | Pattern | None = None, sparsity: float | None = None, *,
               refine: str | None = None, refine_options: dict | None = None, allocation: str = "uniform",
               owl_lambda: float = 0.08, owl_m: float = 5.0, dense_fraction: float | None = None,
               hybrid_select: str = "error", hybrid_budget: str = "uniform", hybrid_block: int = 64,
-              calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+              calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0, passes: int = 1,
               **pruner_options) -> Recipe:
         """Validate every setting and build the objects. ``pattern``: ``unstructured`` (with ``sparsity``),
         N:M such as ``2:4``, or ``hybrid:2:4`` (with ``dense_fraction`` of each linear's input columns kept
         dense in blocks of ``hybrid_block``); ``pruner_options`` go to the pruner (e.g. SparseGPT's
-        ``blocksize``), ``refine_options`` to the refiner (``refine="dsnot"``)."""
+        ``blocksize``), ``refine_options`` to the refiner (``refine="dsnot"``). ``passes``: 1 (default) runs
+        every GEMM of a layer once and takes each group's statistics with the groups before it already
+        pruned; 2 is the papers' order (statistics with the dense layer, then the outputs)."""
+        if passes not in (1, 2):
+            raise LLMPruneError(f"--passes must be 1 (each GEMM once, sequential) or 2 (the papers' order); got {passes}")
         pruner = make_pruner(method, **pruner_options)
         refine_options = dict(refine_options or {})
         if refine_options and not refine:
@@ -71,7 +76,7 @@ class Recipe:
         strategy = make_allocation(allocation, pattern, owl_lambda=owl_lambda, owl_m=owl_m,
                                    hybrid_select=hybrid_select, hybrid_budget=hybrid_budget)
         return cls(method, pruner, pattern, strategy, Calibration(calib, nsamples, seqlen, seed), refiner,
-                   dict(pruner_options), refine_options)
+                   dict(pruner_options), refine_options, passes)
 
     @property
     def needs(self) -> frozenset[str]:
@@ -93,7 +98,8 @@ class Recipe:
             refine={"name": self.refiner.name, **self.refine_options} if self.refiner else None,
             calibration={"spec": calibration_spec or calib.spec, "nsamples": nsamples, "seqlen": seqlen,
                          "seed": calib.seed},
-            source=source, device=device, versions=recorded_versions(), **self.allocation.record())
+            source=source, device=device, versions=recorded_versions(), passes=self.passes,
+            **self.allocation.record())
 
 
 def recorded_versions() -> dict[str, str]:

@@ -33,6 +33,7 @@ class RecipeRecord:
     source: str | None = None
     device: str = "cpu"
     versions: dict = field(default_factory=dict)
+    passes: int = 2  # reports from before the one-pass order ran two passes per layer
 
     @property
     def parsed_pattern(self) -> Pattern:

@@ -2,6 +2,12 @@
 
 Running means (rather than sums) keep float32 accumulators in range over long
 calibration sets; the Hessian can be accumulated in float64 for reference tests.
+
+XᵀX is symmetric, so for wide inputs only its upper triangle is accumulated, in column blocks
+(``hessian_blocks``: each block's rows against the columns from it onwards), and the lower triangle
+is mirrored when the Hessian is read. With k blocks that is k(k+1)/2 of k² block products; narrow
+inputs keep the one full GEMM, where splitting would only cost GEMM efficiency (measurements in
+eval/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -14,6 +20,15 @@ SQ_NORM = "sq_norm"  # E[x_j²] per input channel (Wanda)
 HESSIAN = "hessian"  # 2·E[x xᵀ] (SparseGPT)
 MOMENTS = "moments"  # E[x_j] and Var[x_j] per input channel (DSnoT)
 KNOWN = frozenset({SQ_NORM, HESSIAN, MOMENTS})
+BLOCK_WIDTH = 384  # inputs per block of the triangular Hessian accumulation; at most MAX_BLOCKS blocks
+MAX_BLOCKS = 8
+
+
+def hessian_blocks(in_features: int) -> list[tuple[int, int]]:
+    """Column ranges of the triangular accumulation (one range: the plain full GEMM)."""
+    count = min(MAX_BLOCKS, max(1, in_features // BLOCK_WIDTH))
+    edges = [in_features * i // count for i in range(count + 1)]
+    return list(zip(edges, edges[1:]))
 
 
 class InputStats:
@@ -28,8 +43,10 @@ class InputStats:
         self.needs = frozenset(needs)
         self.count = 0  # tokens seen
         self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device) if SQ_NORM in needs else None
-        self.hessian = (torch.zeros(in_features, in_features, dtype=hessian_dtype, device=device)
-                        if HESSIAN in needs else None)
+        self._hessian = (torch.zeros(in_features, in_features, dtype=hessian_dtype, device=device)
+                         if HESSIAN in needs else None)
+        self._blocks = hessian_blocks(in_features)
+        self._mirrored = True  # whether the lower triangle is up to date
         self.mean = torch.zeros(in_features, dtype=torch.float64, device=device) if MOMENTS in needs else None
         self._m2 = torch.zeros(in_features, dtype=torch.float64, device=device) if MOMENTS in needs else None
 
@@ -44,9 +61,15 @@ class InputStats:
         if self.sq_norm is not None:
             xf = x.float()
             self.sq_norm.mul_(old_share).add_((xf * xf).sum(0), alpha=1.0 / total)
-        if self.hessian is not None:
-            xh = x.to(self.hessian.dtype)
-            self.hessian.mul_(old_share).addmm_(xh.T, xh, alpha=2.0 / total)
+        if self._hessian is not None:
+            xh = x.to(self._hessian.dtype)
+            if len(self._blocks) == 1:
+                self._hessian.mul_(old_share).addmm_(xh.T, xh, alpha=2.0 / total)
+            else:
+                for start, end in self._blocks:
+                    upper = self._hessian[start:end, start:]
+                    upper.mul_(old_share).addmm_(xh[:, start:end].T, xh[:, start:], alpha=2.0 / total)
+                self._mirrored = False
         if self.mean is not None:
             # Chan et al.'s parallel update: exact merge of two (count, mean, M2) summaries.
             xd = x.double()
@@ -55,6 +78,15 @@ class InputStats:
             self._m2.add_(((xd - batch_mean) ** 2).sum(0)).add_(delta * delta * (self.count * batch / total))
             self.mean.add_(delta * (batch / total))
         self.count = total
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        """2·E[xxᵀ] ``[in, in]``, symmetric (None unless collected)."""
+        if self._hessian is not None and not self._mirrored:
+            lower = torch.ones(self.in_features, self.in_features, dtype=torch.bool, device=self._hessian.device).tril_(-1)
+            self._hessian[lower] = self._hessian.T[lower]
+            self._mirrored = True
+        return self._hessian
 
     def combine(self, sum_across: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Merge the statistics of other processes' inputs into these, in place, so that every process

@@ -5,17 +5,30 @@ runs once per batch, so only the embeddings compute. That records each layer's o
 and keyword inputs (masks, ``position_embeddings``, ``cache_position``...), which differ per layer
 in families such as Gemma 2/3 (sliding vs. global attention), without knowing any signature.
 
-Then, for each layer: move it to the device; pass 1 collects input statistics with forward hooks
-on its linears (one accumulator per distinct input tensor, so q/k/v and gate/up share); the caller's
-``process`` rewrites the weights; pass 2 runs the pruned layer, measures each linear's relative
-reconstruction error ‖(W₀−Ŵ)X‖/‖W₀X‖ on the inputs it sees (first ``error_tokens`` tokens), and its
-outputs feed the next layer.
+Then, for each layer, in one of two orders (``passes``):
+
+* ``passes=1`` (sequential, the default): every GEMM of the layer runs once. Each batch's forward
+  runs in a thread of its own, the threads taking turns in batch order (so results are reproducible
+  and the cores are not oversubscribed). A forward pre-hook on each linear folds the linear's input
+  into its statistics and parks the thread there until the linear is pruned; once every batch is
+  parked at the same linear, ``process`` prunes it (and the linears that read the same input, which
+  the first layer reveals: q/k/v, gate/up) and the threads go on. So each group's statistics come
+  from inputs that the groups before it already produce pruned ("true sequential"), and the same pass
+  yields the layer's output. It holds every batch's state at the point where it is parked.
+* ``passes=2`` (the papers' order): a statistics pass with the dense weights, ``process`` on all
+  linears, then an output pass with the pruned ones. The statistics pass stops at the last linear
+  (its output is never used).
+
+Statistics are one accumulator per distinct input tensor (q/k/v and gate/up share). Each linear's
+relative reconstruction error ‖(W₀−Ŵ)X‖/‖W₀X‖ is measured on the inputs it sees in the pruned
+forward (the first ``error_tokens`` tokens), and the layer's outputs feed the next layer.
 """
 from __future__ import annotations
 
 import math
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,49 +196,37 @@ def capture(adapter: ModelAdapter, tokens: torch.Tensor, batch_size: int,
     return hidden, inputs
 
 
-def _stats_hooks(linears: dict[str, Prunable], stats: dict[str, InputStats], needs: frozenset[str],
-                 share: bool, seen: dict, hessian_dtype: torch.dtype) -> list:
-    """Forward hooks that fold each distinct input tensor into one accumulator.
+@dataclass(frozen=True)
+class Settings:
+    """How the engine runs a layer (the same for every layer of one pass over the model)."""
 
-    ``seen`` maps (data_ptr, shape, stride) → (tensor, stats) for the current batch; holding the
-    tensor keeps its memory from being reused, so equal keys really mean the same input.
-    """
-
-    def hook(name: str, prunable: Prunable):
-        def fn(module: nn.Module, args: tuple, output) -> None:
-            x = args[0]
-            key = (x.data_ptr(), tuple(x.shape), x.stride())
-            if name not in stats:
-                if share and key in seen:
-                    stats[name] = seen[key][1]
-                    return
-                stats[name] = InputStats(prunable.in_features, needs, device=x.device, hessian_dtype=hessian_dtype)
-            elif share and key in seen:
-                return
-            stats[name].update(x)
-            seen[key] = (x, stats[name])
-
-        return fn
-
-    return [p.module.register_forward_hook(hook(n, p)) for n, p in linears.items()]
+    device: torch.device
+    needs: frozenset[str] = frozenset()
+    passes: int = 1
+    share_stats: bool = True
+    hessian_dtype: torch.dtype = torch.float32
+    measure_error: bool = True
+    error_tokens: int = 8192
+    rewrites: bool = True
 
 
-def _error_hooks(linears: dict[str, Prunable], originals: dict[str, torch.Tensor], sums: dict[str, list[float]]) -> list:
-    """Forward hooks accumulating ‖(W₀−Ŵ)x‖² and ‖W₀x + b‖² per linear."""
+@dataclass
+class _Structure:
+    """What the first layer reveals and the others (blocks of one class) repeat: the linears in the order
+    they run, grouped by the input they share, as names relative to the layer."""
 
-    def hook(name: str, delta: torch.Tensor):
-        def fn(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            diff = F.linear(args[0], delta).float()
-            sums[name][0] += float(diff.pow(2).sum())
-            sums[name][1] += float((output.float() + diff).pow(2).sum())
+    groups: list[list[str]] = field(default_factory=list)
 
-        return fn
+    @property
+    def last(self) -> str | None:
+        return self.groups[-1][-1] if self.groups else None
 
-    handles = []
-    for name, prunable in linears.items():
-        delta = originals[name] - prunable.weight
-        handles.append(prunable.module.register_forward_hook(hook(name, delta)))
-    return handles
+    def group_of(self, name: str) -> list[str]:
+        return next((group for group in self.groups if name in group), [name])
+
+
+def _relative(name: str, prefix: str) -> str:
+    return name[len(prefix):]
 
 
 def _run_layer(layer: nn.Module, states: torch.Tensor, inputs: LayerInputs, device: torch.device) -> torch.Tensor:
@@ -233,116 +234,325 @@ def _run_layer(layer: nn.Module, states: torch.Tensor, inputs: LayerInputs, devi
     return out[0] if isinstance(out, tuple) else out
 
 
+class _LayerRun:
+    """One decoder layer: statistics, pruning (through ``process``), outputs and reconstruction errors."""
+
+    def __init__(self, settings: Settings, index: int, prefix: str, layer: nn.Module, linears: dict[str, Prunable],
+                 process: Process, structure: _Structure) -> None:
+        self.settings, self.index, self.prefix, self.layer = settings, index, prefix, layer
+        self.linears, self.process, self.structure = linears, process, structure
+        self.learning = not structure.groups  # the first layer: groups are found as the inputs arrive
+        self.modules = {id(p.module): name for name, p in linears.items()}
+        self.stats: dict[str, InputStats] = {}
+        self.owner: dict[str, int] = {}  # name → its accumulator's id (kept after the accumulator is freed)
+        self.order: list[str] = []  # names in the order their inputs first arrived
+        self.info: dict[str, dict] = {}
+        self.originals = ({n: p.weight.clone() for n, p in linears.items()} if settings.measure_error else {})
+        self.sums = {name: [0.0, 0.0] for name in linears}
+        self.phases = {"stats": 0.0, "process": 0.0, "outputs": 0.0}
+        self.local = threading.local()  # the batch the running thread computes
+
+    # -- statistics --------------------------------------------------------------------------------
+
+    def collect(self, name: str, x: torch.Tensor, seen: dict) -> None:
+        """Fold ``x`` into ``name``'s statistics unless this batch already folded the same tensor for a
+        linear that shares them; ``seen`` maps (data_ptr, shape, stride) → (tensor, stats) for the batch,
+        holding the tensor so its memory cannot be reused while the key is alive."""
+        settings = self.settings
+        if name not in self.order:
+            self.order.append(name)
+        if not settings.needs:
+            return
+        key = (x.data_ptr(), tuple(x.shape), x.stride())
+        if name not in self.stats:
+            if settings.share_stats and key in seen:
+                self.stats[name] = seen[key][1]
+                self.owner[name] = id(seen[key][1])
+                return
+            stats = InputStats(self.linears[name].in_features, settings.needs, device=x.device,
+                               hessian_dtype=settings.hessian_dtype)
+            group = [name] if self.learning or not settings.share_stats else \
+                [self.prefix + n for n in self.structure.group_of(_relative(name, self.prefix))]
+            for member in group:
+                self.stats[member] = stats
+                self.owner[member] = id(stats)
+        elif settings.share_stats and key in seen and seen[key][1] is self.stats[name]:
+            return
+        self.stats[name].update(x)
+        seen[key] = (x, self.stats[name])
+
+    def learn(self) -> None:
+        """After the first layer: its linears in running order, grouped by shared statistics."""
+        if not self.learning:
+            return
+        groups: dict[object, list[str]] = {}
+        for name in self.order:
+            groups.setdefault(self.owner.get(name, name), []).append(_relative(name, self.prefix))
+        self.structure.groups = list(groups.values())
+
+    # -- pruning -----------------------------------------------------------------------------------
+
+    def prune(self, names: list[str]) -> None:
+        """``process`` the linears ``names`` (statistics merged across ranks, rank 0 decides, weights
+        broadcast), then start measuring their errors."""
+        started = time.perf_counter()
+        linears = {name: self.linears[name] for name in names}
+        stats = {name: self.stats[name] for name in names if name in self.stats}
+        if distributed.active():
+            for shared in {id(st): st for st in stats.values()}.values():
+                shared.combine(distributed.sum_)
+        if distributed.is_leader():
+            self.info.update(self.process(self.index, linears, stats) or {})
+        if self.settings.rewrites and distributed.active():
+            for linear in linears.values():
+                distributed.broadcast_(linear.module.weight.data)
+        for name in names:
+            self.stats.pop(name, None)
+        self.phases["process"] += time.perf_counter() - started
+
+    def error_hook(self, name: str) -> Callable:
+        """A forward hook adding ‖(W₀−Ŵ)x‖² and ‖W₀x + b‖² to ``name``'s sums while ``measuring()``."""
+        delta = self.originals[name] - self.linears[name].weight
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self.batch_starts[self.local.batch] < self.settings.error_tokens:
+                diff = F.linear(args[0], delta).float()
+                self.sums[name][0] += float(diff.pow(2).sum())
+                self.sums[name][1] += float((output.float() + diff).pow(2).sum())
+
+        return hook
+
+    # -- the two orders ----------------------------------------------------------------------------
+
+    def run(self, batches: list[torch.Tensor], inputs: list[LayerInputs], replace: Callable[[int, torch.Tensor], None]) -> None:
+        starts = [0]
+        for states in batches:
+            starts.append(starts[-1] + states.shape[0] * states.shape[1])
+        self.batch_starts = starts
+        if not self.settings.rewrites:
+            self._observe(batches, inputs, replace)
+        elif self.settings.passes == 1:
+            self._one_pass(batches, inputs, replace)
+        else:
+            self._two_passes(batches, inputs, replace)
+        self.learn()
+        if self.settings.measure_error and distributed.active():
+            totals = distributed.sum_(torch.tensor([self.sums[name] for name in self.linears], dtype=torch.float64))
+            self.sums = dict(zip(self.linears, totals.tolist()))
+
+    def _forward(self, b: int, states: torch.Tensor, inputs: LayerInputs, replace: Callable[[int, torch.Tensor], None]
+                 ) -> None:
+        self.local.batch = b
+        out = _run_layer(self.layer, states, inputs, self.settings.device)
+        _check_finite(out, f"leaving decoder layer {self.index} ({self.prefix.rstrip('.')})")
+        replace(b, out.to("cpu") if self.settings.device.type != "cpu" else out)
+
+    def _observe(self, batches, inputs, replace) -> None:
+        """A pre-pass (``process`` reads, never rewrites): one forward gives the statistics and the outputs."""
+        started = time.perf_counter()
+        seen: dict = {}
+
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            self.collect(self.modules[id(module)], args[0], seen)
+
+        handles = [p.module.register_forward_pre_hook(pre_hook) for p in self.linears.values()]
+        try:
+            for b, (states, layer_inputs) in enumerate(zip(batches, inputs)):
+                seen.clear()
+                self._forward(b, states, layer_inputs, replace)
+        finally:
+            seen.clear()
+            for h in handles:
+                h.remove()
+        self.phases["stats"] = time.perf_counter() - started
+        self.prune(list(self.linears))
+
+    def _two_passes(self, batches, inputs, replace) -> None:
+        started = time.perf_counter()
+        last = None if self.learning else self.prefix + self.structure.last
+        seen: dict = {}
+
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            name = self.modules[id(module)]
+            self.collect(name, args[0], seen)
+            if name == last:
+                raise _StopForward  # the statistics pass needs nothing this linear computes
+
+        if self.settings.needs:
+            handles = [p.module.register_forward_pre_hook(pre_hook) for p in self.linears.values()]
+            try:
+                for states, layer_inputs in zip(batches, inputs):
+                    seen.clear()
+                    try:
+                        _run_layer(self.layer, states, layer_inputs, self.settings.device)
+                    except _StopForward:
+                        pass
+            finally:
+                seen.clear()
+                for h in handles:
+                    h.remove()
+        self.phases["stats"] = time.perf_counter() - started
+        self.prune(list(self.linears))
+        started = time.perf_counter()
+        handles = [p.module.register_forward_hook(self.error_hook(n)) for n, p in self.linears.items()] \
+            if self.settings.measure_error else []
+        try:
+            for b, (states, layer_inputs) in enumerate(zip(batches, inputs)):
+                self._forward(b, states, layer_inputs, replace)
+        finally:
+            for h in handles:
+                h.remove()
+        self.phases["outputs"] = time.perf_counter() - started
+
+    def _one_pass(self, batches, inputs, replace) -> None:
+        """Each batch's forward in its own thread; the threads run one at a time, in batch order, each until
+        it parks at a linear not yet pruned or finishes; when all are parked at the same linear, its group
+        is pruned and they go on."""
+        started = time.perf_counter()
+        count = len(batches)
+        go = [threading.Event() for _ in range(count)]
+        parked = [threading.Event() for _ in range(count)]
+        at: list[str | None] = [None] * count
+        done = [False] * count
+        errors: list[BaseException | None] = [None] * count
+        seen: list[dict] = [{} for _ in range(count)]
+        released: set[str] = set()
+        local = threading.local()
+        handles: list = []
+
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            name = self.modules[id(module)]
+            if name in released:
+                return
+            b = local.batch
+            self.collect(name, args[0], seen[b])
+            at[b] = name
+            parked[b].set()
+            go[b].wait()
+            go[b].clear()
+
+        def worker(b: int) -> None:
+            local.batch = b
+            go[b].wait()
+            go[b].clear()
+            try:
+                with torch.no_grad():
+                    self._forward(b, batches[b], inputs[b], replace)
+            except BaseException as exc:  # handed to the controller, which raises it
+                errors[b] = exc
+            finally:
+                seen[b].clear()
+                done[b] = True
+                parked[b].set()
+
+        handles = [p.module.register_forward_pre_hook(pre_hook) for p in self.linears.values()]
+        threads = [threading.Thread(target=worker, args=(b,), daemon=True, name=f"llmprune-batch-{b}")
+                   for b in range(count)]
+        for thread in threads:
+            thread.start()
+        try:
+            while True:
+                for b in range(count):  # each batch in turn, until it parks or finishes
+                    if not done[b]:
+                        go[b].set()
+                        parked[b].wait()
+                        parked[b].clear()
+                failed = next((exc for exc in errors if exc is not None), None)
+                if failed is not None:
+                    raise failed
+                if all(done):
+                    break
+                waiting = {at[b] for b in range(count) if not done[b]}
+                if len(waiting) != 1 or any(done):
+                    raise LLMPruneError(
+                        f"decoder layer {self.index} runs its linears in a different order for different batches "
+                        f"({sorted(filter(None, waiting))}); prune it with --passes 2")
+                name = waiting.pop()
+                group = [name] if self.learning else \
+                    [self.prefix + n for n in self.structure.group_of(_relative(name, self.prefix))]
+                self.prune(group)
+                for member in group:
+                    module = self.linears[member].module
+                    if self.settings.measure_error:
+                        handles.append(module.register_forward_hook(self.error_hook(member)))
+                released.update(group)
+        finally:
+            for b in range(count):  # let every thread run out (after an error each fails at its next step)
+                if not done[b]:
+                    released.update(self.linears)
+                    go[b].set()
+            for thread in threads:
+                thread.join()
+            for h in handles:
+                h.remove()
+        self.phases["outputs"] = time.perf_counter() - started - self.phases["process"]
+
+    def report(self, seconds: float) -> LayerReport:
+        sums, measure = self.sums, self.settings.measure_error
+        return LayerReport(self.index, seconds, [
+            LinearReport(
+                name=name,
+                shape=(p.out_features, p.in_features),
+                sparsity=float((p.weight == 0).float().mean()),
+                zeros=int((p.weight == 0).sum()),
+                rel_error=(sums[name][0] / sums[name][1]) ** 0.5 if measure and sums[name][1] > 0 else None,
+                info=self.info.get(name, {}),
+            )
+            for name, p in self.linears.items()
+        ], self.phases)
+
+
 @torch.no_grad()
 def layerwise(adapter: ModelAdapter, tokens: torch.Tensor, process: Process, *, needs: frozenset[str] = frozenset(),
               device: str | torch.device = "auto", batch_size: int = 8, measure_error: bool = True,
               share_stats: bool = True, hessian_dtype: torch.dtype = torch.float32, error_tokens: int = 8192,
               progress: bool = True, desc: str = "pruning", source: LayerSource | None = None,
-              on_done: Callable[[int], None] | None = None,
-              offload_activations: str | os.PathLike | None = None, rewrites: bool = True) -> list[LayerReport]:
-    """Stream ``tokens`` through the decoder one layer at a time, calling ``process`` on each.
+              on_done: Callable[[int], None] | None = None, offload_activations: str | os.PathLike | None = None,
+              rewrites: bool = True, passes: int = 1) -> list[LayerReport]:
+    """Stream ``tokens`` through the decoder one layer at a time, calling ``process`` on its linears.
 
-    ``process(index, linears, stats)`` may rewrite the linears' weights and returns optional
-    per-linear info for the report. Outputs of the processed layer feed the next one.
-    ``share_stats=False`` gives every linear its own accumulator (for measuring what sharing saves).
-    The reconstruction error is measured on the first batches covering ``error_tokens`` tokens: an
-    extra GEMM per linear, so measuring it on every batch would add about a third to the run.
-    With a ``source``, each layer's weights are loaded before it runs and released after ``on_done``
-    (the writer) has seen the processed layer, so memory holds one layer at a time.
+    ``process(index, linears, stats)`` may rewrite the linears' weights (``rewrites``) and returns
+    optional per-linear info for the report; it is called once per layer with ``passes=2``, once per
+    group of linears sharing an input with ``passes=1`` (module docstring). Outputs of the processed
+    layer feed the next one. ``share_stats=False`` gives every linear its own accumulator (for
+    measuring what sharing saves). The reconstruction error is measured on the first batches covering
+    ``error_tokens`` tokens: an extra GEMM per linear, so measuring it on every batch would add about
+    a third to the run. With a ``source``, each layer's weights are loaded before it runs and released
+    after ``on_done`` (the writer) has seen the processed layer, so memory holds one layer at a time.
     ``offload_activations``: a folder for the hidden states between layers (see ``Activations``).
 
     Under ``torch.distributed`` (see ``distributed``), ``tokens`` is this rank's share: the statistics
     are summed over the ranks before ``process``, which runs on rank 0 only; when it ``rewrites`` the
     weights, rank 0's are broadcast before every rank runs its share through the layer.
     """
-    device = resolve_device(device)
+    if passes not in (1, 2):
+        raise LLMPruneError(f"passes must be 1 (each GEMM once, sequential) or 2 (statistics, then outputs); got {passes}")
+    settings = Settings(resolve_device(device), frozenset(needs), passes, share_stats, hessian_dtype, measure_error,
+                        error_tokens, rewrites)
     activations, layer_inputs = capture(adapter, tokens, batch_size, Activations(offload_activations))
-    try:
-        return _layer_loop(adapter, activations, layer_inputs, process, needs, device, measure_error, share_stats,
-                           hessian_dtype, error_tokens, progress and distributed.is_leader(), desc, source, on_done,
-                           rewrites)
-    finally:
-        activations.close()
-
-
-def _layer_loop(adapter: ModelAdapter, activations: Activations, layer_inputs: list[list[LayerInputs]],
-                process: Process, needs: frozenset[str], device: torch.device, measure_error: bool,
-                share_stats: bool, hessian_dtype: torch.dtype, error_tokens: int, progress: bool, desc: str,
-                source: LayerSource | None, on_done: Callable[[int], None] | None, rewrites: bool) -> list[LayerReport]:
-    hidden = activations.batches
-    offload = device.type != "cpu"
+    structure = _Structure()
     reports: list[LayerReport] = []
-    bar = tqdm(total=len(adapter), desc=desc, unit="layer", disable=not progress)
-    for index, layer in enumerate(adapter.layers):
-        started = time.perf_counter()
-        if source is not None:
-            source.load_layer(index)
-        layer.to(device)
-        linears = adapter.linears(index)
-        stats: dict[str, InputStats] = {}
-        if needs:
-            seen: dict = {}
-            handles = _stats_hooks(linears, stats, needs, share_stats, seen, hessian_dtype)
-            try:
-                for states, inputs in zip(hidden, layer_inputs[index]):
-                    seen.clear()
-                    _run_layer(layer, states, inputs, device)
-            finally:
-                seen.clear()
-                for h in handles:
-                    h.remove()
-        if distributed.active():
-            for shared in {id(st): st for st in stats.values()}.values():
-                shared.combine(distributed.sum_)
-        phases = {"stats": time.perf_counter() - started}
-        originals = {n: p.weight.clone() for n, p in linears.items()} if measure_error else {}
-        info = (process(index, linears, stats) or {}) if distributed.is_leader() else {}
-        if rewrites and distributed.active():
-            for linear in linears.values():
-                distributed.broadcast_(linear.module.weight.data)
-        stats.clear()
-        phases["process"] = time.perf_counter() - started - phases["stats"]
-        sums = {name: [0.0, 0.0] for name in linears}
-        handles = _error_hooks(linears, originals, sums) if measure_error else []
-        measured = 0
-        try:
-            for b, (states, inputs) in enumerate(zip(hidden, layer_inputs[index])):
-                if handles and measured >= error_tokens:
-                    for h in handles:
-                        h.remove()
-                    handles = []
-                measured += states.shape[0] * states.shape[1]
-                out = _run_layer(layer, states, inputs, device)
-                _check_finite(out, f"leaving decoder layer {index} ({adapter.layers_name}.{index})")
-                activations.replace(b, out.to("cpu") if offload else out)
-        finally:
-            for h in handles:
-                h.remove()
-        if offload:
-            layer.to("cpu")
-        del originals
-        if measure_error and distributed.active():
-            totals = distributed.sum_(torch.tensor([sums[name] for name in linears], dtype=torch.float64))
-            sums = dict(zip(linears, totals.tolist()))
-        seconds = time.perf_counter() - started
-        phases["outputs"] = seconds - phases["stats"] - phases["process"]
-        linear_reports = [
-            LinearReport(
-                name=name,
-                shape=(p.out_features, p.in_features),
-                sparsity=float((p.weight == 0).float().mean()),
-                zeros=int((p.weight == 0).sum()),
-                rel_error=(sums[name][0] / sums[name][1]) ** 0.5 if measure_error and sums[name][1] > 0 else None,
-                info=info.get(name, {}),
-            )
-            for name, p in linears.items()
-        ]
-        if on_done is not None:
-            on_done(index)
-        if source is not None:
-            source.release_layer(index)
-        reports.append(LayerReport(index, seconds, linear_reports, phases))
-        bar.set_postfix(layer_s=f"{reports[-1].seconds:.1f}")
-        bar.update()
-    bar.close()
+    bar = tqdm(total=len(adapter), desc=desc, unit="layer", disable=not (progress and distributed.is_leader()))
+    try:
+        for index, layer in enumerate(adapter.layers):
+            started = time.perf_counter()
+            if source is not None:
+                source.load_layer(index)
+            layer.to(settings.device)
+            run = _LayerRun(settings, index, f"{adapter.layers_name}.{index}.", layer, adapter.linears(index), process,
+                            structure)
+            run.run(activations.batches, layer_inputs[index], activations.replace)
+            if settings.device.type != "cpu":
+                layer.to("cpu")
+            reports.append(run.report(time.perf_counter() - started))
+            del run
+            if on_done is not None:
+                on_done(index)
+            if source is not None:
+                source.release_layer(index)
+            bar.set_postfix(layer_s=f"{reports[-1].seconds:.1f}")
+            bar.update()
+    finally:
+        bar.close()
+        activations.close()
     return reports

@@ -6,7 +6,9 @@ Each config runs in its own subprocess, so its peak RSS is its own. Config synta
 fraction F), plus suffixes: ``+dsnot`` (DSnoT refinement), ``+owl`` (OWL allocation), ``+noshare``
 (every linear gets its own statistics, to measure what Hessian sharing saves), ``+dsnotattn`` (DSnoT
 on the attention linears only, as the paper's code does), ``+saliency`` (hybrid
-blocks by saliency instead of the error-driven default), ``+global`` (one global hybrid budget).
+blocks by saliency instead of the error-driven default), ``+global`` (one global hybrid budget),
+``+2pass`` (the papers' two passes per layer instead of one). ``--baseline CHECKOUT`` runs each config
+also with another checkout's code (e.g. a git worktree of an earlier commit), right after ours.
 Example (the protocol):
 
     python scripts/bench_prune.py dense magnitude@0.5 wanda@0.5 magnitude@2:4 wanda@2:4 --json eval/results/core.json
@@ -32,7 +34,7 @@ DEFAULT_MODEL = shared_dir() / "models" / "smollm2-135m-instruct-q4_1"
 # Suffixes that switch a pipeline option on: METHOD@TARGET+dsnot+owl+noshare.
 SUFFIXES = {"noshare": {"share_stats": False}, "dsnot": {"refine": "dsnot"}, "owl": {"allocation": "owl"},
             "dsnotattn": {"refine": "dsnot", "refine_options": {"skip": ("mlp",)}},
-            "saliency": {"hybrid_select": "saliency"}, "global": {"hybrid_budget": "global"}}
+            "saliency": {"hybrid_select": "saliency"}, "global": {"hybrid_budget": "global"}, "2pass": {"passes": 2}}
 
 
 def parse_config(config: str) -> dict:
@@ -85,7 +87,8 @@ def run_one(args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    columns = ["config", "ppl", "sparsity", "dense_fraction", "mean_rel_error", "prune_s", "peak_rss_prune_mb", "eval_s", "windows"]
+    columns = ["config", "ppl", "sparsity", "dense_fraction", "mean_rel_error", "prune_s", "phase_s", "peak_rss_prune_mb",
+               "eval_s", "windows"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(str(row.get(c, "-")) for c in columns) + " |")
@@ -106,6 +109,9 @@ def main() -> None:
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--json", default=None, help="write all results here")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--baseline", default=None, metavar="CHECKOUT",
+                        help="also run every config with the code of another checkout (e.g. a git worktree of an "
+                             "earlier commit), right after ours, so both see the same machine load")
     parser.add_argument("--config", help=argparse.SUPPRESS)  # internal: run one config in this process
     args = parser.parse_args()
     if args.config:
@@ -113,14 +119,22 @@ def main() -> None:
         return
     rows = []
     passthrough = [a for a in sys.argv[1:] if a not in args.configs]
+    if args.baseline:
+        index = passthrough.index("--baseline")
+        passthrough = passthrough[:index] + passthrough[index + 2:]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "LLMPRUNE_SHARED": str(shared_dir())}
     for config in args.configs:
-        proc = subprocess.run([sys.executable, __file__, *passthrough, "--config", config],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not found:
-            sys.exit(f"config {config} failed (exit {proc.returncode})")
-        rows.append(json.loads(found[-1][7:]))
-        print(f"{config}: {rows[-1]}", flush=True)
+        for label, checkout in [("", REPO)] + ([("baseline ", Path(args.baseline))] if args.baseline else []):
+            if label and "+2pass" in config:
+                continue  # the baseline has only the two-pass order
+            script = checkout / "scripts" / "bench_prune.py"
+            proc = subprocess.run([sys.executable, str(script), *passthrough, "--config", config],
+                                  stdout=subprocess.PIPE, text=True, cwd=checkout, env=env)
+            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not found:
+                sys.exit(f"{label}config {config} failed (exit {proc.returncode})")
+            rows.append({**json.loads(found[-1][7:]), "config": label + config})
+            print(f"{label}{config}: {rows[-1]}", flush=True)
     print(f"\nmodel {args.model}; calibration wikitext2 {args.nsamples} x {args.seqlen} seed {args.seed}; "
           f"eval WikiText-2 test seqlen {args.eval_seqlen}, every {args.window_stride}th window; {args.threads} threads\n")
     print(table(rows))

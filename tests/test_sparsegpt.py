@@ -122,7 +122,7 @@ def nearly_psd_stats(negative_eigenvalue: float) -> InputStats:
     stats = stats_for(inputs, torch.float64)
     eigenvalues, vectors = torch.linalg.eigh(stats.hessian)
     shift = negative_eigenvalue * stats.hessian.diagonal().mean() - eigenvalues[0]
-    stats.hessian += shift * torch.outer(vectors[:, 0], vectors[:, 0])
+    stats.hessian.add_(shift * torch.outer(vectors[:, 0], vectors[:, 0]))
     return stats
 
 

@@ -9,6 +9,7 @@ from llmprune.state import state
 from llmprune.errors import LLMPruneError
 from llmprune.adapter import ModelAdapter
 from llmprune.pipeline import prune
+from llmprune.patterns import NM
 from llmprune.stats import HESSIAN, MOMENTS, SQ_NORM, InputStats
 from llmprune.stream import layerwise
 
@@ -64,7 +65,7 @@ def test_linears_reading_one_input_share_statistics(model_type: str, groups: lis
     adapter = ModelAdapter(tiny_model(model_type))
     seen: list[dict[str, InputStats]] = []
     layerwise(adapter, torch.randint(0, VOCAB, (4, 8)), lambda i, lin, stats: seen.append(dict(stats)),
-              needs=frozenset({SQ_NORM}), device="cpu", batch_size=2, progress=False)
+              needs=frozenset({SQ_NORM}), device="cpu", batch_size=2, progress=False, passes=2)
     stats = seen[0]
     by_object: dict[int, set[str]] = {}
     for name, s in stats.items():
@@ -80,13 +81,68 @@ def test_unshared_statistics_are_equal_but_separate() -> None:
     for share in (True, False):
         captured = []
         layerwise(adapter, tokens, lambda i, lin, stats: captured.append(dict(stats)), needs=frozenset({HESSIAN}),
-                  device="cpu", batch_size=2, share_stats=share, progress=False)
+                  device="cpu", batch_size=2, share_stats=share, progress=False, passes=2)
         results[share] = captured[1]
     shared, separate = results[True], results[False]
     assert shared["model.layers.1.self_attn.q_proj"] is shared["model.layers.1.self_attn.k_proj"]
     assert separate["model.layers.1.self_attn.q_proj"] is not separate["model.layers.1.self_attn.k_proj"]
     for name in shared:
         torch.testing.assert_close(shared[name].hessian, separate[name].hessian)
+
+
+def magnitude_24(linears) -> None:
+    for linear in linears.values():
+        weight = linear.weight.float()
+        linear.set_weight(weight * NM(2, 4).keep_mask(weight.abs()))
+
+
+def test_one_pass_prunes_group_by_group_in_running_order() -> None:
+    adapter = ModelAdapter(tiny_model("llama"))
+    calls: list[tuple[int, list[str], set[int]]] = []
+
+    def process(index, linears, stats):
+        calls.append((index, [n.rsplit(".", 1)[-1] for n in linears], {id(stats[n]) for n in linears}))
+        magnitude_24(linears)
+
+    layerwise(adapter, torch.randint(0, VOCAB, (4, 8)), process, needs=frozenset({SQ_NORM}), device="cpu", batch_size=2,
+              progress=False)
+    first = [names for index, names, _ in calls if index == 0]
+    later = [(names, len(ids)) for index, names, ids in calls if index == 2]
+    # the first layer reveals the order one linear at a time; the others prune each shared input's group at once
+    assert first == [["q_proj"], ["k_proj"], ["v_proj"], ["o_proj"], ["gate_proj"], ["up_proj"], ["down_proj"]]
+    assert later == [(["q_proj", "k_proj", "v_proj"], 1), (["o_proj"], 1), (["gate_proj", "up_proj"], 1),
+                     (["down_proj"], 1)]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
+def test_one_pass_statistics_are_those_of_the_pruned_model(model_type: str) -> None:
+    """Each group's statistics come from the forward in which the groups before it already run pruned:
+    exactly the inputs those linears see in the final pruned model (a linear's input never depends on it)."""
+    model = tiny_model(model_type)
+    adapter = ModelAdapter(model)
+    tokens = torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(1))
+    seen: dict[str, torch.Tensor] = {}
+
+    def process(index, linears, stats):
+        seen.update({name: stats[name].hessian.clone() for name in linears})
+        magnitude_24(linears)
+
+    layerwise(adapter, tokens, process, needs=frozenset({HESSIAN}), device="cpu", batch_size=2, progress=False,
+              hessian_dtype=torch.float64)
+    reference = {name: InputStats(p.in_features, frozenset({HESSIAN}), hessian_dtype=torch.float64)
+                 for name, p in adapter.all_linears().items()}
+    hooks = [p.module.register_forward_pre_hook(lambda m, a, n=name: reference[n].update(a[0]))
+             for name, p in adapter.all_linears().items()]
+    try:
+        with torch.no_grad():
+            for batch in tokens.split(2):
+                model(input_ids=batch, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert set(seen) == set(reference)
+    for name, hessian in seen.items():
+        torch.testing.assert_close(hessian, reference[name].hessian, rtol=1e-5, atol=1e-8, msg=name)
 
 
 def test_input_stats_match_direct_computation() -> None:
@@ -101,6 +157,24 @@ def test_input_stats_match_direct_computation() -> None:
     torch.testing.assert_close(stats.hessian, 2 * x.T @ x / x.shape[0])
     torch.testing.assert_close(stats.mean, x.mean(0))
     torch.testing.assert_close(stats.variance, x.var(0, unbiased=False))
+
+
+def test_wide_hessian_accumulates_its_upper_triangle_and_reads_symmetric() -> None:
+    from llmprune.stats import hessian_blocks
+
+    assert hessian_blocks(576) == [(0, 576)] and len(hessian_blocks(1536)) == 4 and len(hessian_blocks(11008)) == 8
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 5, 800, generator=gen, dtype=torch.float64) + 0.5 for _ in range(3)]
+    stats = InputStats(800, frozenset({HESSIAN}), hessian_dtype=torch.float64)
+    stats.update(batches[0])
+    first = stats.hessian.clone()  # read between updates: mirrored, then accumulated on
+    x0 = batches[0].reshape(-1, 800)
+    torch.testing.assert_close(first, 2 * x0.T @ x0 / x0.shape[0])
+    for batch in batches[1:]:
+        stats.update(batch)
+    x = torch.cat([b.reshape(-1, 800) for b in batches])
+    torch.testing.assert_close(stats.hessian, 2 * x.T @ x / x.shape[0])
+    assert torch.equal(stats.hessian, stats.hessian.T)
 
 
 def test_nan_in_activations_names_the_layer() -> None:

@@ -140,9 +140,10 @@ class _Codes:
         self.codes[:, position] = codes
         return Quantizer.dequantize(codes, scale, zero).to(w.dtype)
 
-    def result(self, order: torch.Tensor | None) -> Quantized:
-        codes = self.codes if order is None else torch.empty_like(self.codes).index_copy_(1, order, self.codes)
-        return Quantized(codes, self.scales, self.zeros, self.quantizer)
+    def result(self, order: torch.Tensor | None, rows: slice) -> Quantized:
+        codes = self.codes[rows]
+        codes = codes if order is None else torch.empty_like(codes).index_copy_(1, order, codes)
+        return Quantized(codes, self.scales[rows], self.zeros[rows], self.quantizer)
 
 
 class GPTQ:
@@ -174,7 +175,7 @@ class GPTQ:
         if keep is not None and (keep.shape != weight.shape or keep.dtype != torch.bool):
             raise LLMPruneError(f"{self.title} needs a bool keep-mask of the weight's shape {tuple(weight.shape)}; "
                                 f"got {keep.dtype} {tuple(keep.shape)}")
-        return self._sweep(weight, stats, None, quantizer, keep)
+        return self._sweep(weight, stats, None, quantizer, keep)[0]
 
     def _check(self, weight: torch.Tensor, stats: InputStats | None) -> None:
         if stats is None or stats.hessian is None:
@@ -184,10 +185,13 @@ class GPTQ:
                                 f"{stats.in_features}")
 
     def _sweep(self, weight: torch.Tensor, stats: InputStats, pattern: NM | Unstructured | None,
-               quantizer: Quantizer | None, mask: torch.Tensor | None) -> Pruned:
+               quantizer: Quantizer | None, mask: torch.Tensor | None, sizes: list[int] | None = None) -> list[Pruned]:
         """The OBS column loop (module docstring): masks chosen by ``pattern`` on the way or fixed by ``mask``
-        (None: all kept); kept weights rounded by ``quantizer`` (None: kept as they are)."""
+        (None: all kept); kept weights rounded by ``quantizer`` (None: kept as they are). ``weight`` may be
+        several linears' rows stacked (``sizes``: rows of each): every row is solved on its own, so one
+        loop does the work of many; the result is one ``Pruned`` per linear."""
         rows, columns = weight.shape
+        sizes = sizes or [rows]
         order, sparse_width = None, columns
         if isinstance(pattern, NM) and pattern.dense:
             dense = pattern.dense_columns(columns, weight.device)
@@ -200,8 +204,10 @@ class GPTQ:
         hinv = hinv.to(work.dtype)
         work[:, factor.dead] = 0.0  # inputs that are always 0: the weight does nothing, drop it for free
         zero = torch.zeros((), dtype=work.dtype, device=work.device)
-        loss = torch.zeros((), dtype=work.dtype, device=work.device)
-        quant_loss = torch.zeros((), dtype=work.dtype, device=work.device)
+        bounds = torch.tensor([0] + sizes).cumsum(0).tolist()
+        segments = [slice(a, b) for a, b in zip(bounds, bounds[1:])]  # the rows of each stacked linear
+        loss = torch.zeros(len(sizes), dtype=work.dtype, device=work.device)
+        quant_loss = torch.zeros(len(sizes), dtype=work.dtype, device=work.device)
         keep_all = torch.ones_like(work, dtype=torch.bool) if mask is None else mask.clone()  # known so far
         codes = None if quantizer is None else _Codes(
             quantizer, rows, torch.arange(columns, device=work.device) if order is None else order)
@@ -235,25 +241,30 @@ class GPTQ:
                             codes.fit(quant_group, now, keep_all[:, members])
                         q = codes.round(start + j, w, keep[:, j])
                     err = (w - q) / d[j]
-                    loss += err.square().sum() / 2
-                    if codes is not None:
-                        quant_loss += torch.where(keep[:, j], err, zero).square().sum() / 2
+                    for s, rows_of in enumerate(segments):
+                        loss[s] += err[rows_of].square().sum() / 2
+                        if codes is not None:
+                            quant_loss[s] += torch.where(keep[rows_of, j], err[rows_of], zero).square().sum() / 2
                     block[:, j + 1:] -= err[:, None] * block_hinv[j, j + 1:][None, :]
                     block[:, j] = q
                     errors[:, j] = err
             work[:, start:end] = block
             work[:, end:] -= errors @ hinv[start:end, end:]
-        info = {"damping": float(f"{factor.damping:.3g}"), "damp_retries": factor.retries,
-                "obs_loss": float(f"{float(loss):.6g}")}
-        if codes is not None:
-            info["quant_loss"] = float(f"{float(quant_loss):.6g}")
-        info |= {"dead_inputs": int(factor.dead.sum()), "factor_reused": reused}
-        if codes is not None:
-            quantized = codes.result(order)
-            return Pruned(quantized.dequantize().to(weight.dtype), info, quantized)
         if order is not None:
             work = torch.empty_like(work).index_copy_(1, order, work)
-        return Pruned(work.to(weight.dtype) + 0.0, info)  # + 0.0 turns any −0.0 into +0.0
+        results = []
+        for s, rows_of in enumerate(segments):
+            info = {"damping": float(f"{factor.damping:.3g}"), "damp_retries": factor.retries,
+                    "obs_loss": float(f"{float(loss[s]):.6g}")}
+            if codes is not None:
+                info["quant_loss"] = float(f"{float(quant_loss[s]):.6g}")
+            info |= {"dead_inputs": int(factor.dead.sum()), "factor_reused": reused or s > 0}
+            if codes is not None:
+                quantized = codes.result(order, rows_of)
+                results.append(Pruned(quantized.dequantize().to(weight.dtype), info, quantized))
+            else:
+                results.append(Pruned(work[rows_of].to(weight.dtype) + 0.0, info))  # + 0.0 turns any −0.0 into +0.0
+        return results
 
     def _factor(self, stats: InputStats, device: torch.device, order: torch.Tensor | None) -> tuple[_Factor, bool]:
         """The cached factor for ``stats`` and column ``order`` if it is still current, else a new one."""
@@ -307,14 +318,23 @@ class SparseGPT(GPTQ):
         """Prune ``weight`` ``[out, in]`` to ``pattern``; returned (a new tensor) in the dtype it came in,
         pruned entries +0.0. ``stats.hessian`` is read, never written (q/k/v share it). With a ``quantizer``
         the weight is the dequantized one and ``Pruned.quantized`` holds its codes."""
-        self._check(weight, stats)
-        rows, columns = weight.shape
-        pattern.validate("the weight", rows, columns)
+        return self.prune_many([weight], stats, pattern, quantizer)[0]
+
+    def prune_many(self, weights: list[torch.Tensor], stats: InputStats | None, pattern: Pattern,
+                   quantizer: Quantizer | None = None) -> list[Pruned]:
+        """Prune linears that read the same input (q/k/v, gate/up) in one column loop: given H, every
+        row is solved on its own, so their rows stacked are one problem, and the loop's per-column
+        overhead is paid once instead of once per linear. A hybrid pattern (dense columns chosen per
+        linear) is pruned linear by linear."""
+        if len(weights) > 1 and isinstance(pattern, NM) and pattern.dense:
+            return [self.prune(weight, stats, pattern, quantizer) for weight in weights]
+        stacked = weights[0] if len(weights) == 1 else torch.cat(weights, 0)
+        self._check(stacked, stats)
+        pattern.validate("the weight", *stacked.shape)
         if isinstance(pattern, NM) and self.blocksize % pattern.m:
             raise LLMPruneError(f"SparseGPT blocksize {self.blocksize} must be a multiple of M={pattern.m} for pattern "
                                 f"{pattern}; use --blocksize {max(pattern.m, self.blocksize // pattern.m * pattern.m)}")
-        return self._sweep(weight, stats, pattern, quantizer, None)
-
+        return self._sweep(stacked, stats, pattern, quantizer, None, [w.shape[0] for w in weights])
 
 
 def _keep_in_block(scores: torch.Tensor, budget: torch.Tensor, width: int) -> torch.Tensor:

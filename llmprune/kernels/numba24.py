@@ -18,16 +18,27 @@ selects the two the positions name (blends) and accumulates two FMAs, 16 groups 
 rows of ``x`` (decode with a small batch) the panel stays in L1/L2 while every row of ``x`` passes over
 it; for more rows (prefill) the weight is expanded to dense once per call and ``F.linear`` does the
 GEMM, since a dense GEMM is compute-bound there and 2:4 saves no arithmetic on CPU.
+
+Threads: the compiled kernels are serial; ``parallel`` (below, shared with ``numba24q4``) runs them on
+this thread alone or with helper threads, whichever measured faster for that kernel and size, up to
+``torch.get_num_threads()``.
 """
 from __future__ import annotations
 
+import atexit
+import os
+import queue
+import threading
+import time
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import LLMPruneError
 from ..packing import stored_positions
 
-MAX_FUSED_ROWS = 8  # rows of x up to which the fused kernel runs; past it expanding wins (eval/RESULTS.md)
+MAX_FUSED_ROWS = 16  # rows of x run fused; from about 24 expanding does as well (eval/results/q4_kernels.md)
 LANES = 16  # groups per chunk (one AVX-512 vector of float32)
 PAD = 255  # meta code of a padding group
 
@@ -65,52 +76,182 @@ def to_layout(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor,
     return panels.contiguous(), meta.reshape(out_features // 4, 4, chunks, LANES).permute(0, 2, 1, 3).contiguous()
 
 
-_NUMBA: dict = {}
+CLAIMS_PER_THREAD = 16  # runs of blocks per thread and call: a descheduled thread holds up one of them
+MIN_HELPED_WORK = 64 << 10  # bytes below which a call never wakes helpers (it is done before they start)
+EXPLORE = 16  # every EXPLORE-th call of a kind runs the way that measured slower, to notice when that changes
+SMOOTHING = 0.25  # weight of the newest call in the running mean time of each way
+SPIN_SECONDS = 50e-6  # how long a caller polls for a helper's last claim before it sleeps until woken
+NEXT, DONE, CLAIMS, STEP, FLAGS = range(5)  # the fields of a parallel call's int64 state; FLAGS: the first claim's flag
+HELPED, OWN = 1, 2  # a claim's flag once a helper (into the spare output) or the caller (into the output) did it
+_CPUS = os.cpu_count() or 1
 
 
-def _kernels():
-    """The compiled kernels (numba is optional: imported on first use, compiled then and cached on disk),
-    with numba's thread count following ``torch.get_num_threads()``."""
-    if not _NUMBA:
-        import numba
+class _Job(threading.Event):
+    """Set by the helper that finishes a call's last claim (or fails)."""
 
-        from . import _numba24
+    error: BaseException | None = None
 
-        _NUMBA.update(module=_numba24, set_threads=numba.set_num_threads, most=numba.config.NUMBA_NUM_THREADS)
-    threads = min(torch.get_num_threads(), _NUMBA["most"])
-    if _NUMBA.get("threads") != threads:
-        _NUMBA["set_threads"](threads)
-        _NUMBA["threads"] = threads
-    return _NUMBA["module"]
+
+class _Helpers:
+    """Threads that run a kernel's claim loop beside the calling thread (see ``parallel``): each takes
+    ``(kernel, state, args, job)`` off one queue. Started on first use; a forked child starts its own.
+    They are stopped at exit: a daemon thread still inside a kernel when the interpreter finalizes is
+    killed as it takes the GIL back, which aborts the process."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+        self.lock = threading.Lock()
+
+    def ensure(self, count: int) -> None:
+        with self.lock:
+            while len(self.threads) < count:
+                thread = threading.Thread(target=self._serve, name="llmprune-numba", daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    def stop(self) -> None:
+        with self.lock:
+            for _ in self.threads:
+                self.jobs.put(None)
+            for thread in self.threads:
+                thread.join(timeout=5)
+            self.threads = []
+
+    def _serve(self) -> None:
+        while (item := self.jobs.get()) is not None:
+            kernel, state, args, job = item
+            if state[NEXT] >= state[CLAIMS]:
+                continue  # every claim was taken before this thread woke
+            try:
+                if kernel(state, *args, False):
+                    job.set()
+            except BaseException as exc:  # noqa: BLE001 (the caller re-raises it)
+                job.error = exc
+                job.set()
+
+
+_HELPERS = _Helpers()
+os.register_at_fork(after_in_child=_HELPERS.__init__)
+atexit.register(_HELPERS.stop)
+
+
+def _state(blocks: int, threads: int) -> np.ndarray:
+    step = -(-blocks // (CLAIMS_PER_THREAD * threads)) if threads > 1 else blocks
+    claims = -(-blocks // step)
+    state = np.zeros(FLAGS + claims, dtype=np.int64)
+    state[CLAIMS], state[STEP] = claims, step
+    return state
+
+
+def _helped(kernel, blocks: int, threads: int, args: tuple) -> None:
+    """``kernel``'s claim loop on this thread and ``threads - 1`` helpers; returns when every claim is done
+    (``_numba24.run_claims``: a kernel that recomputes the claims still in flight returns at once)."""
+    state = _state(blocks, threads)
+    _HELPERS.ensure(threads - 1)
+    job = _Job()
+    for _ in range(threads - 1):
+        _HELPERS.jobs.put((kernel, state, args, job))
+    if kernel(state, *args, True):
+        return
+    deadline = time.perf_counter() + SPIN_SECONDS  # a claim in flight is usually done within microseconds
+    while state[DONE] < state[CLAIMS] and time.perf_counter() < deadline:
+        os.sched_yield()  # to a helper waiting for this core
+    if state[DONE] < state[CLAIMS]:
+        job.wait()
+    if job.error is not None:
+        raise job.error
+
+
+_TIMES: dict = {}  # (kernel, size class, threads) → [calls, mean seconds alone, mean seconds helped]
+
+
+def _use_helpers(record: list) -> bool:
+    """Alone first, then helped, then whichever has the lower mean time, but the other every EXPLORE-th call."""
+    calls, alone, helped = record
+    return alone is not None and (helped is None or (helped < alone) != (calls % EXPLORE == 0))
+
+
+def parallel(kernel, blocks: int, work: int, *args) -> None:
+    """Run ``kernel(state, *args)`` over ``blocks`` blocks of rows, alone or with helper threads (up to
+    ``torch.get_num_threads()`` in all), whichever has been faster for calls of this kernel and size
+    (``work``: the bytes the call reads or writes).
+
+    Why not numba's ``prange``: it splits the rows evenly and waits for every thread, and its OpenMP
+    layer (the default where torch has loaded libgomp) spins while it waits and resets torch's thread
+    count; with another process on the cores a call waited for a descheduled thread for milliseconds
+    (eval/results/q4_kernels.md). Here the threads claim small runs of blocks, and the caller of a GEMV
+    computes any run a helper still holds instead of waiting for it (the expansion's caller sleeps until
+    it is done; it never spins for long). Even so, with the cores busy a helper often starts too late to
+    pay for waking it, while a free core lets it take up to half of a large call: which way wins is
+    measured on the calls themselves, since results do not depend on it (threads split rows, never a
+    row's sum)."""
+    threads = min(torch.get_num_threads(), _CPUS, blocks)
+    if threads <= 1 or work < MIN_HELPED_WORK:
+        kernel(_state(blocks, 1), *args, True)
+        return
+    record = _TIMES.setdefault((kernel, work.bit_length(), threads), [0, None, None])
+    record[0] += 1
+    use_helpers = _use_helpers(record)
+    start = time.perf_counter()
+    if use_helpers:
+        _helped(kernel, blocks, threads, args)
+    else:
+        kernel(_state(blocks, 1), *args, True)
+    mean = record[2 if use_helpers else 1]
+    seconds = time.perf_counter() - start
+    record[2 if use_helpers else 1] = seconds if mean is None else mean + SMOOTHING * (seconds - mean)
+
+
+def cpu_rows(x: torch.Tensor, weight: torch.Tensor, kernel: str) -> torch.Tensor:
+    """``x`` ``[..., in]`` as float32 rows ``[M, in]`` for a CPU kernel, or why not."""
+    if weight.device.type != "cpu" or x.device.type != "cpu":
+        raise LLMPruneError(f"the {kernel} runs on CPU (weight on {weight.device.type}, x on {x.device.type}); "
+                            "load the checkpoint on the target device with backend='auto'")
+    if x.dtype != torch.float32:
+        raise LLMPruneError(f"the {kernel} takes float32 inputs, got {x.dtype}")
+    return x.detach().reshape(-1, x.shape[-1])
+
+
+def fused(kernels, x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+          bias: torch.Tensor | None) -> torch.Tensor:
+    """``rows`` (``x`` flattened) times the weight in ``(values, meta)``, transposed, plus ``bias``, with
+    ``kernels.split`` and ``kernels.gemm`` of a panel layout (``values`` ``[out/4, ...]``)."""
+    blocks = values.shape[0]
+    values_np, meta_np = values.numpy(), meta.numpy()
+    try:  # the size check of split (the kernels read x without bounds checks)
+        xs = kernels.split(rows.contiguous().numpy(), values_np, meta_np)
+    except ValueError as exc:
+        raise LLMPruneError(f"x has {x.shape[-1]} input features: {exc}") from None
+    y = torch.empty(rows.shape[0], blocks * 4, dtype=torch.float32)
+    y_np = y.numpy()
+    parallel(kernels.gemm, blocks, (values_np.nbytes + meta_np.nbytes) * rows.shape[0], values_np, meta_np, xs,
+             y_np, np.empty_like(y_np))
+    if bias is not None:
+        y += bias
+    return y.reshape(*x.shape[:-1], blocks * 4)
+
+
+def _compiled():
+    """The compiled kernels (numba is optional: imported on first use, compiled then and cached on disk)."""
+    from . import _numba24
+
+    return _numba24
 
 
 def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """The inverse of ``to_layout``: the dense ``[out, in]`` weight (``in`` read off the padding)."""
     in_features = 4 * int((meta[0, :, 0] != PAD).sum())
     dense = torch.empty(values.shape[0] * 4, in_features, dtype=torch.float32)
-    _kernels().expand(values.numpy(), meta.numpy(), dense.numpy())
+    parallel(_compiled().expand, values.shape[0], dense.nbytes, values.numpy(), meta.numpy(), dense.numpy())
     return dense
 
 
 def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 weight in ``(values, meta)`` layout, transposed, plus ``bias``
     (inference only: no gradient flows through the fused kernel)."""
-    blocks = values.shape[0]
-    in_features = x.shape[-1]
-    if values.device.type != "cpu" or x.device.type != "cpu":
-        raise LLMPruneError(f"the numba 2:4 kernel runs on CPU (weight on {values.device.type}, x on "
-                            f"{x.device.type}); load the checkpoint on the target device with backend='auto'")
-    if x.dtype != torch.float32:
-        raise LLMPruneError(f"the numba 2:4 kernel takes float32 inputs, got {x.dtype}")
-    flat = x.detach().reshape(-1, in_features)
-    if flat.shape[0] > MAX_FUSED_ROWS:
+    rows = cpu_rows(x, values, "numba 2:4 kernel")
+    if rows.shape[0] > MAX_FUSED_ROWS:
         return F.linear(x, from_layout(values, meta), bias)  # F.linear checks the sizes
-    y = torch.empty(flat.shape[0], blocks * 4, dtype=torch.float32)
-    try:
-        _kernels().gemm(values.numpy(), meta.numpy(), flat.contiguous().numpy(), y.numpy())
-    except ValueError as exc:  # the kernel's size check (it reads x without bounds checks)
-        raise LLMPruneError(f"x has {in_features} input features: {exc}") from None
-    if bias is not None:
-        y += bias
-    return y.reshape(*x.shape[:-1], blocks * 4)
+    return fused(_compiled(), x, rows, values, meta, bias)

@@ -31,6 +31,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def return_freed_memory() -> None:
+    """Give memory freed by Python and torch back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
+
+    glibc keeps freed blocks of a few MiB in its heaps (one per thread that allocated), so a process
+    that frees a decoder layer's tensors and allocates the next one's keeps growing in RSS although its
+    live memory stays flat; trimming after each layer keeps the resident set at what is really in use."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def read_json(path: Path, missing: str) -> dict:
     """A JSON file the project wrote, with clear errors: ``missing`` when absent, 'corrupt' when unparsable."""
     from .errors import LLMPruneError

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import LLMPruneError
+from .resources import return_freed_memory
 from . import distributed
 from .adapter import ModelAdapter, Prunable
 from .device import resolve_device, to_device
@@ -347,50 +348,45 @@ class _LayerRun:
         _check_finite(out, f"leaving decoder layer {self.index} ({self.prefix.rstrip('.')})")
         replace(b, out.to("cpu") if self.settings.device.type != "cpu" else out)
 
-    def _observe(self, batches, inputs, replace) -> None:
-        """A pre-pass (``process`` reads, never rewrites): one forward gives the statistics and the outputs."""
-        started = time.perf_counter()
-        seen: dict = {}
-
-        def pre_hook(module: nn.Module, args: tuple) -> None:
-            self.collect(self.modules[id(module)], args[0], seen)
-
-        handles = [p.module.register_forward_pre_hook(pre_hook) for p in self.linears.values()]
-        try:
-            for b, (states, layer_inputs) in enumerate(zip(batches, inputs)):
-                seen.clear()
-                self._forward(b, states, layer_inputs, replace)
-        finally:
-            seen.clear()
-            for h in handles:
-                h.remove()
-        self.phases["stats"] = time.perf_counter() - started
-        self.prune(list(self.linears))
-
-    def _two_passes(self, batches, inputs, replace) -> None:
-        started = time.perf_counter()
-        last = None if self.learning else self.prefix + self.structure.last
+    def _with_statistics(self, batches, inputs, forward: Callable[[int, torch.Tensor, LayerInputs], object],
+                         stop_at: str | None = None) -> None:
+        """``forward`` every batch with pre-hooks folding each linear's input into its statistics; the
+        forward stops at ``stop_at`` (a linear whose output nothing here needs)."""
         seen: dict = {}
 
         def pre_hook(module: nn.Module, args: tuple) -> None:
             name = self.modules[id(module)]
             self.collect(name, args[0], seen)
-            if name == last:
-                raise _StopForward  # the statistics pass needs nothing this linear computes
+            if name == stop_at:
+                raise _StopForward
 
-        if self.settings.needs:
-            handles = [p.module.register_forward_pre_hook(pre_hook) for p in self.linears.values()]
-            try:
-                for states, layer_inputs in zip(batches, inputs):
-                    seen.clear()
-                    try:
-                        _run_layer(self.layer, states, layer_inputs, self.settings.device)
-                    except _StopForward:
-                        pass
-            finally:
+        handles = [p.module.register_forward_pre_hook(pre_hook) for p in self.linears.values()]
+        try:
+            for b, (states, layer_inputs) in enumerate(zip(batches, inputs)):
                 seen.clear()
-                for h in handles:
-                    h.remove()
+                try:
+                    forward(b, states, layer_inputs)
+                except _StopForward:
+                    pass
+        finally:
+            seen.clear()
+            for h in handles:
+                h.remove()
+
+    def _observe(self, batches, inputs, replace) -> None:
+        """A pre-pass (``process`` reads, never rewrites): one forward gives the statistics and the outputs."""
+        started = time.perf_counter()
+        self._with_statistics(batches, inputs, lambda b, states, layer_inputs: self._forward(b, states, layer_inputs,
+                                                                                                replace))
+        self.phases["stats"] = time.perf_counter() - started
+        self.prune(list(self.linears))
+
+    def _two_passes(self, batches, inputs, replace) -> None:
+        started = time.perf_counter()
+        if self.settings.needs:  # the statistics pass needs nothing the last linear computes
+            last = None if self.learning else self.prefix + self.structure.last
+            self._with_statistics(batches, inputs, lambda b, states, layer_inputs: _run_layer(
+                self.layer, states, layer_inputs, self.settings.device), stop_at=last)
         self.phases["stats"] = time.perf_counter() - started
         self.prune(list(self.linears))
         started = time.perf_counter()
@@ -550,6 +546,7 @@ def layerwise(adapter: ModelAdapter, tokens: torch.Tensor, process: Process, *, 
                 on_done(index)
             if source is not None:
                 source.release_layer(index)
+            return_freed_memory()
             bar.set_postfix(layer_s=f"{reports[-1].seconds:.1f}")
             bar.update()
     finally:

@@ -38,6 +38,13 @@ def checkpoint(tmp_path: Path, model_type: str, tied: bool) -> Path:
     return directory
 
 
+def source_and_calib(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny untied Llama checkpoint and a calibration text for it."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(word_text(3000))
+    return checkpoint(tmp_path, "llama", False), calib
+
+
 def report_without_timings(directory: Path) -> dict:
     report = json.loads((directory / "llmprune.json").read_text())
     report["summary"].pop("seconds")
@@ -66,9 +73,7 @@ def test_out_of_core_writes_the_bytes_of_the_in_memory_path(tmp_path, model_type
 
 
 def test_one_decoder_layer_is_materialised_at_a_time(tmp_path, monkeypatch) -> None:
-    source = checkpoint(tmp_path, "llama", False)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(word_text(3000))
+    source, calib = source_and_calib(tmp_path)
     seen: list[int] = []
     load = CheckpointSource.load
 
@@ -87,9 +92,7 @@ def test_one_decoder_layer_is_materialised_at_a_time(tmp_path, monkeypatch) -> N
 
 
 def test_owl_prepass_also_streams_one_layer_at_a_time(tmp_path, monkeypatch) -> None:
-    source = checkpoint(tmp_path, "llama", False)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(word_text(3000))
+    source, calib = source_and_calib(tmp_path)
     peaks: list[int] = []
     release = CheckpointSource.release
 
@@ -123,9 +126,7 @@ def test_a_missing_or_misshapen_tensor_fails_before_any_work(tmp_path) -> None:
 def test_a_disk_too_small_for_the_output_fails_before_any_work(tmp_path, monkeypatch) -> None:
     import shutil
 
-    source = checkpoint(tmp_path, "llama", False)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(word_text(3000))
+    source, calib = source_and_calib(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 4096))
     pruned = []
     monkeypatch.setattr("llmprune.pipeline.run", lambda *a, **k: pruned.append(1))
@@ -137,9 +138,7 @@ def test_a_disk_too_small_for_the_output_fails_before_any_work(tmp_path, monkeyp
 
 
 def test_activations_offloaded_to_a_file_give_the_same_result(tmp_path) -> None:
-    source = checkpoint(tmp_path, "llama", False)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(word_text(3000))
+    source, calib = source_and_calib(tmp_path)
     recipe = Recipe.build("sparsegpt", "2:4", calib=str(calib), nsamples=4, seqlen=16)
     prune_checkpoint(source, tmp_path / "ram", recipe, device="cpu", progress=False)
     offload = tmp_path / "activations"

@@ -10,5 +10,6 @@ from .pipeline import prune  # noqa: E402
 from .recipe import Recipe  # noqa: E402
 from .report import PruneReport  # noqa: E402
 from .state import state  # noqa: E402
+from . import hf_integration  # noqa: E402,F401  (plain from_pretrained loads our checkpoints right)
 
 __all__ = ["LLMPruneError", "PruneReport", "Recipe", "eval", "load", "prune", "save", "state", "__version__"]

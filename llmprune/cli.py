@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("model", help="local HF directory, .gguf file or directory, or a Hub id")
     prune.add_argument("--method", default="wanda", help=f"one of: {', '.join(sorted(PRUNERS))} (default wanda)")
     prune.add_argument("--pattern", default=None, help="'unstructured' (default), N:M such as 2:4 or 4:8 (N kept of every M), "
-                                                        "or hybrid:2:4 (2:4 with a dense region, see --dense-fraction)")
+                                                        "hybrid:2:4 (2:4 with a dense region, see --dense-fraction), or "
+                                                        "dense (nothing pruned, with --quantize)")
     prune.add_argument("--sparsity", type=float, default=None, help="fraction pruned per row for unstructured, in [0, 1) (default 0.5)")
     prune.add_argument("--calib", default="wikitext2", help="wikitext2, c4, or a local .txt/.json/.jsonl/.parquet file")
     prune.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -108,10 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--format", dest="storage", default="auto", choices=["auto", "bitmask"],
                        help="auto (default): 2:4 and hybrid packed, other patterns dense safetensors; bitmask: other "
                             "patterns in the legacy compressed-tensors sparse-bitmask layout (smaller files, loads dense)")
-    prune.add_argument("--passes", type=int, default=1, choices=[1, 2],
-                       help="1 (default): every GEMM of a layer runs once, and each group of linears gets its "
-                            "statistics with the groups before it already pruned; 2: the papers' order, statistics "
-                            "with the dense layer, then a second pass for the outputs (less memory)")
+    prune.add_argument("--quantize", default=None, metavar="wB",
+                       help="quantize the kept weights to B bits (w4): SparseGPT prunes and quantizes in one OBS sweep, "
+                            "other methods prune and then run GPTQ under the mask; with --pattern dense it is plain "
+                            "GPTQ. A 2:4 run is saved as 2:4 + INT4 codes")
+    prune.add_argument("--group-size", dest="group_size", type=int, default=128,
+                       help="--quantize: input columns per scale (default 128; -1: one scale per row)")
+    grid = prune.add_mutually_exclusive_group()
+    grid.add_argument("--sym", dest="symmetric", action="store_true", default=True,
+                      help="--quantize: symmetric grid, zero point 2^(B-1) (default)")
+    grid.add_argument("--asym", dest="symmetric", action="store_false", help="--quantize: a zero point per group")
+    prune.add_argument("--passes", type=int, default=None, choices=[1, 2],
+                       help="1: every GEMM of a layer runs once, and each group of linears gets its statistics with "
+                            "the groups before it already pruned; 2: the papers' order, statistics with the dense "
+                            "layer, then a second pass for the outputs (holds less). Default: 1 unless its memory "
+                            "(every calibration token's MLP activations) would take over half of what is free")
     prune.add_argument("--out", required=True, help="output directory (written atomically)")
     prune.add_argument("--in-memory", dest="in_memory", action="store_true",
                        help="load the whole model first even when MODEL is a safetensors checkpoint directory "
@@ -201,7 +213,8 @@ def recipe_from_args(args: argparse.Namespace):
                         allocation=args.allocation, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
                         dense_fraction=args.dense_fraction, hybrid_select=args.hybrid_select,
                         hybrid_budget=args.hybrid_budget, hybrid_block=args.hybrid_block, calib=args.calib,
-                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, passes=args.passes, **options)
+                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, passes=args.passes,
+                        quantize=args.quantize, group_size=args.group_size, symmetric=args.symmetric, **options)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -271,17 +284,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def linear_sizes(directory: Path, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
-    """(bytes on disk, bytes if stored dense) per linear (``shapes``: name → (out, in)), from the
-    safetensors headers alone; works for every storage format."""
-    from .checkpoint.safetensors import ST_SIZES, read_layout
+    """(bytes on disk, bytes if stored dense in the model's dtype) per linear (``shapes``: name → (out, in)),
+    from config.json and the safetensors headers alone; works for every storage format."""
+    import torch
 
+    from .checkpoint.safetensors import ST_DTYPES, ST_SIZES, read_layout
+    from .resources import read_json
+
+    config = read_json(directory / "config.json", f"{directory} has no config.json")
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+    itemsize = ST_SIZES[ST_DTYPES.get(dtype, "F32")]
     layout = read_layout(directory)
     sizes = {}
     for name, (out_features, in_features) in shapes.items():
         keys = {k.removeprefix(name + "."): info for k, info in layout.items() if k.startswith(name + ".")}
-        values = keys.get("weight") or keys.get("compressed")
         bias = keys.get("bias")
-        dense = out_features * in_features * ST_SIZES[values.dtype] + (bias.end - bias.start if bias else 0)
+        dense = out_features * in_features * itemsize + (bias.end - bias.start if bias else 0)
         sizes[name] = (sum(info.end - info.start for info in keys.values()), dense)
     return sizes
 
@@ -353,7 +371,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     linears = ([m for m in sparse.modules() if isinstance(m, SparseLinear)] if packed
                else ModelAdapter(dense).all_linears().values())
     shapes = list(dict.fromkeys((linear.out_features, linear.in_features) for linear in linears))
-    backends = ["dense"] + ([] if args.backend == "dense" else list(sparse_backends(device)))
+    int4 = packed and any(m.quantized() is not None for m in linears)  # a 2:4 + INT4 checkpoint: time both formats
+    backends = ["dense"] + ([] if args.backend == "dense" else list(sparse_backends(device, int4)))
     ran = sorted({m.backend for m in sparse.modules() if hasattr(m, "backend")})
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
           f"{torch.get_num_threads()} threads, {dtype}; sparse model: "

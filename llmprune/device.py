@@ -16,6 +16,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device`` (free GPU memory; the kernel's MemAvailable on CPU,
+    or 1 TiB where it cannot tell)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 40
+
+
 def to_device(obj, device: torch.device):
     """Move tensors nested in tuples, lists and dicts (a decoder layer's captured arguments); leave the rest."""
     if isinstance(obj, torch.Tensor):

@@ -183,21 +183,10 @@ def unpack_24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tens
     if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (out_features, bitmask_columns(in_features)):
         raise LLMPruneError(f"{name}.bitmask is {bitmask.dtype} {tuple(bitmask.shape)}; expected torch.uint8 "
                             f"({out_features}, {bitmask_columns(in_features)})")
-    bitmask = bitmask.to(compressed.device)
+    positions = bitmask_positions(bitmask.to(compressed.device), in_features, name).to(torch.int64)
     groups = in_features // GROUP
-    nibbles = torch.stack((bitmask & 0xF, bitmask >> 4), dim=-1)  # byte b holds groups 2b (low) and 2b+1 (high)
-    nibbles = nibbles.reshape(out_features, 2 * bitmask.shape[1])[:, :groups].to(torch.int64)
-    per_group = _table(_COUNT, compressed.device)[nibbles]
-    wrong = per_group != KEEP
-    if bool(wrong.any()):
-        row, group = (int(i) for i in wrong.nonzero()[0])
-        raise LLMPruneError(
-            f"{name}.bitmask is corrupt: {int(wrong.sum())} groups of 4 mark {int(per_group[row, group])} "
-            f"positions instead of 2 (first: row {row}, columns {group * GROUP}..{group * GROUP + GROUP - 1})"
-        )
-    columns = _table(_STORED, compressed.device)[nibbles]  # the two set bits of each nibble, ascending
     dense = torch.zeros(out_features, groups, GROUP, dtype=compressed.dtype, device=compressed.device)
-    dense.scatter_(-1, columns, compressed.reshape(out_features, groups, KEEP))
+    dense.scatter_(-1, positions.reshape(out_features, groups, KEEP), compressed.reshape(out_features, groups, KEEP))
     return dense.reshape(out_features, in_features)
 
 
@@ -294,3 +283,50 @@ class Int24(NamedTuple):
         out_features, in_features = self.shape
         dense = torch.zeros(out_features, in_features, dtype=torch.float32, device=self.codes.device)
         return dense.scatter_(1, columns, values)
+
+
+def int24_from(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               group_size: int, bits: int = 4, name: str = "weight") -> Int24:
+    """The ``Int24`` of a 2:4 weight quantized on a grid: ``weight`` ``[out, in]`` its dequantized values
+    (which decide the stored positions, as ``pack_24`` does), ``codes`` uint8 ``[out, in]`` the code of
+    every position (a pruned one holds its zero point, so a stored zero decodes to 0 either way)."""
+    stored = stored_positions(weight, name)
+    out_features, in_features = weight.shape
+    columns = stored.nonzero()[:, 1].reshape(out_features, in_features // 2)
+    return Int24(codes.gather(1, columns).to(torch.uint8), (columns % GROUP).to(torch.uint8), scales.to(torch.float16),
+                 zeros.to(torch.float16), group_size, bits)
+
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[rows, 2k]`` of values below 16 → ``[rows, k]``, value 2j in the low nibble of byte j, 2j+1 in the high."""
+    return values[:, 0::2] | (values[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_nibbles``."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def bitmask_positions(bitmask: torch.Tensor, in_features: int, name: str = "weight") -> torch.Tensor:
+    """uint8 ``[out, in/2]``: the two positions (0-3, ascending) a 2:4 ``bitmask`` marks in every group of 4,
+    after checking it marks exactly two (errors name ``name``)."""
+    out_features = bitmask.shape[0]
+    groups = in_features // GROUP
+    nibbles = torch.stack((bitmask & 0xF, bitmask >> 4), dim=-1).reshape(out_features, -1)[:, :groups].to(torch.int64)
+    per_group = _table(_COUNT, bitmask.device)[nibbles]
+    wrong = per_group != KEEP
+    if bool(wrong.any()):
+        row, group = (int(i) for i in wrong.nonzero()[0])
+        raise LLMPruneError(
+            f"{name}.bitmask is corrupt: {int(wrong.sum())} groups of 4 mark {int(per_group[row, group])} "
+            f"positions instead of 2 (first: row {row}, columns {group * GROUP}..{group * GROUP + GROUP - 1})"
+        )
+    return _table(_STORED, bitmask.device)[nibbles].reshape(out_features, groups * KEEP).to(torch.uint8)
+
+
+def positions_bitmask(positions: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The 2:4 bitmask (``pack_24``'s bit order) of ``positions`` uint8 ``[out, in/2]``."""
+    out_features = positions.shape[0]
+    bits = torch.ones_like(positions, dtype=torch.uint8) << positions  # one bit per stored value, in its group
+    nibbles = bits.reshape(out_features, in_features // GROUP, KEEP).sum(-1, dtype=torch.uint8)
+    return _nibbles_to_bytes(nibbles)

@@ -188,10 +188,14 @@ def parse_pattern(pattern: str | None, sparsity: float | None, dense_fraction: f
         return split
     if text == "unstructured":
         return Unstructured(0.5 if sparsity is None else float(sparsity))
+    if text == "dense":  # nothing pruned: --quantize alone (plain GPTQ)
+        if sparsity not in (None, 0.0):
+            raise LLMPruneError(f"pattern dense prunes nothing; drop --sparsity {sparsity:g}")
+        return Unstructured(0.0)
     match = re.fullmatch(r"(\d+):(\d+)", text)
     if not match:
         raise LLMPruneError(f"unknown pattern {pattern!r}; use 'unstructured', N:M such as '2:4' or '4:8', "
-                            f"or 'hybrid:2:4' with --dense-fraction")
+                            f"'hybrid:2:4' with --dense-fraction, or 'dense' (with --quantize)")
     nm = NM(int(match.group(1)), int(match.group(2)))
     if sparsity is not None and abs(sparsity - nm.target_sparsity) > 1e-9:
         raise LLMPruneError(

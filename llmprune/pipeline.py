@@ -21,13 +21,14 @@ from torch import nn
 
 from . import distributed, stream
 from .adapter import ModelAdapter, Prunable, check_seqlen
-from .device import resolve_device
+from .device import available_memory, resolve_device
 from .errors import LLMPruneError
 from .checkpoint import check_output_dir, check_storage, storage_plan_for
 from .checkpoint.directory import atomic_output_dir
 from .checkpoint.writer import CheckpointWriter
 from .loading import CheckpointSource, load_pretrained
-from .patterns import Hybrid
+from .packing import Int24, int24_from
+from .patterns import Hybrid, is_24_pattern
 from .pruners import Pruned
 from .recipe import Recipe
 from .report import LinearRecord, PruneReport, Summary
@@ -35,11 +36,15 @@ from .state import state
 from .stats import InputStats
 
 
-def prune_layer(recipe: Recipe, index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> dict[str, dict]:
-    """Prune the given linears of decoder layer ``index`` in place; per-linear facts for the report.
+def prune_layer(recipe: Recipe, index: int, linears: dict[str, Prunable], stats: dict[str, InputStats],
+                quantized: dict[str, Int24] | None = None) -> dict[str, dict]:
+    """Prune (and quantize) the given linears of decoder layer ``index`` in place; per-linear facts for the report.
 
     Linears that read the same input and get the same pattern go to the pruner together when it can
-    solve them as one problem (``prune_many``: SparseGPT's column loop over q/k/v stacked)."""
+    solve them as one problem (``prune_many``: SparseGPT's column loop over q/k/v stacked). With a
+    quantizer, SparseGPT prunes and quantizes in its sweep; another pruner's result (refined, if asked)
+    is quantized by GPTQ under its mask. The weight written back is the dequantized one; a 2:4 run's
+    codes go into ``quantized`` (for the 2:4 + INT4 checkpoint)."""
     originals = {name: linear.weight.float().clone() for name, linear in linears.items()}
     patterns = {name: recipe.allocation.pattern_for(index, name, originals[name], stats.get(name)) for name in linears}
     groups: dict[tuple, list[str]] = {}
@@ -47,26 +52,48 @@ def prune_layer(recipe: Recipe, index: int, linears: dict[str, Prunable], stats:
         together = hasattr(recipe.pruner, "prune_many") and not getattr(patterns[name], "dense", ())
         key = (id(stats.get(name)), patterns[name]) if together else (name,)
         groups.setdefault(key, []).append(name)
+    joint = {"quantizer": recipe.quantizer} if recipe.quantizer is not None and recipe.gptq is None else {}
     info = {}
     for names in groups.values():
         clock = time.perf_counter()
         shared, pattern = stats.get(names[0]), patterns[names[0]]
         if len(names) > 1:
-            results = recipe.pruner.prune_many([originals[n].clone() for n in names], shared, pattern)
+            results = recipe.pruner.prune_many([originals[n].clone() for n in names], shared, pattern, **joint)
         else:
-            results = [recipe.pruner.prune(originals[names[0]].clone(), shared, pattern)]
+            results = [recipe.pruner.prune(originals[names[0]].clone(), shared, pattern, **joint)]
         for name, result in zip(names, results):
             if recipe.refiner is not None and recipe.refiner.applies_to(name):
                 refined = recipe.refiner.refine(originals[name], result.weight, stats[name], pattern)
                 result = Pruned(refined.weight, {**result.info, **refined.info})
+            if recipe.gptq is not None:
+                rounded = recipe.gptq.quantize(result.weight, stats[name], recipe.quantizer, keep=result.weight != 0)
+                gptq_facts = {"quant_" + key: value for key, value in rounded.info.items() if key != "obs_loss"}
+                result = Pruned(rounded.weight, {**result.info, "quant_loss": rounded.info["obs_loss"], **gptq_facts},
+                                rounded.quantized)
             bad = pattern.violations(result.weight)
             if bad:
                 raise RuntimeError(f"{recipe.method} produced a weight for {name} that breaks {pattern} in {bad} rows/groups")
             linears[name].set_weight(result.weight)
+            if result.quantized is not None and quantized is not None and is_24_pattern(pattern):
+                q = result.quantized
+                quantized[name] = int24_from(result.weight, q.codes, q.scales, q.zeros,
+                                             q.quantizer.width(result.weight.shape[1]), q.quantizer.bits, name)
             info[name] = {"seconds": round((time.perf_counter() - clock) / len(names), 4), **result.info}
             if isinstance(recipe.pattern, Hybrid):  # every linear of a split says where its dense columns are
                 info[name]["dense_columns"] = [list(r) for r in pattern.dense]
     return info
+
+
+def choose_passes(adapter: ModelAdapter, tokens: torch.Tensor, device: torch.device) -> int:
+    """1 (each GEMM once) unless what it holds would take more than half the memory available on
+    ``device``: every calibration token's state where the batches park, about a hidden vector plus the
+    widest linear input (the MLP's intermediate activations) each, in the model's dtype. Else 2."""
+    first = adapter.linears(0).values()
+    widest = max((p.in_features for p in first), default=0)
+    hidden = adapter.model.get_input_embeddings().embedding_dim
+    itemsize = next(iter(first)).weight.element_size() if first else 4
+    needed = tokens.numel() * (hidden + widest) * itemsize
+    return 1 if needed <= available_memory(device) // 2 else 2
 
 
 def check_model(adapter: ModelAdapter, recipe: Recipe) -> None:
@@ -94,12 +121,13 @@ def run(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, device: str =
     facts: dict[int, dict[str, dict]] = {}
 
     def process(index: int, linears: dict[str, Prunable], stats: dict[str, InputStats]) -> dict[str, dict]:
-        info = prune_layer(recipe, index, linears, stats)  # all of a layer's linears, or one group of them
+        info = prune_layer(recipe, index, linears, stats, state(model).quantized)  # the layer, or a group of it
         facts.setdefault(index, {}).update(info)
         return info
 
+    passes = recipe.passes or choose_passes(adapter, share, resolve_device(device))
     layers = stream.layerwise(adapter, share, process, needs=recipe.needs, share_stats=share_stats,
-                              hessian_dtype=recipe.hessian_dtype, passes=recipe.passes,
+                              hessian_dtype=recipe.hessian_dtype, passes=passes,
                               on_done=None if on_done is None else lambda index: on_done(index, facts.pop(index, {})),
                               **stream_options)
     total = sum(lin.shape[0] * lin.shape[1] for layer in layers for lin in layer.linears)
@@ -117,7 +145,7 @@ def run(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, device: str =
                       dense_fraction=dense_weights / max(total, 1), seconds=round(time.perf_counter() - started, 2),
                       phase_seconds={phase: round(sum(layer.phases[phase] for layer in layers), 2)
                                      for phase in layers[0].phases})
-    record = recipe.record(state(model).source, str(resolve_device(device)), calibration_spec, tokens)
+    record = recipe.record(state(model).source, str(resolve_device(device)), calibration_spec, tokens, passes)
     return PruneReport(record, summary, records)
 
 
@@ -189,7 +217,8 @@ def prune_checkpoint(source: str | os.PathLike, out: str | os.PathLike, recipe: 
     checkpoint.load_outside(adapter.layers_name)
     tokens = recipe.calibration.tokens(checkpoint.tokenizer)
     names = set(adapter.all_linears())
-    codec, targets, _ = storage_plan_for(recipe.pattern, storage, names)
+    quantize = None if recipe.quantizer is None else {"bits": recipe.quantizer.bits}
+    codec, targets, _ = storage_plan_for(recipe.pattern, storage, names, quantize)
     hybrid: dict[str, tuple] = {}
     options = {"device": device, "batch_size": batch_size, "share_stats": share_stats, "progress": progress,
                "source": _LayerLoader(checkpoint, adapter.layers_name), "offload_activations": offload_activations}
@@ -198,8 +227,9 @@ def prune_checkpoint(source: str | os.PathLike, out: str | os.PathLike, recipe: 
         distributed.barrier()
         return report
     with atomic_output_dir(out, overwrite) as tmp:
-        writer = CheckpointWriter(model, tmp, codec, targets, hybrid, ranges_later=isinstance(recipe.pattern, Hybrid),
-                                  fetch=checkpoint.fetch)
+        payloads = state(model).quantized
+        writer = CheckpointWriter(model, tmp, codec, targets, hybrid, fetch=checkpoint.fetch, payloads=payloads,
+                                  ranges_later=isinstance(recipe.pattern, Hybrid) or recipe.quantizer is not None)
         free = shutil.disk_usage(tmp).free
         if writer.size_bound() > free:
             raise LLMPruneError(f"{Path(out).parent} has {free / 2**30:.1f} GiB free, and the pruned checkpoint needs up "
@@ -216,6 +246,8 @@ def prune_checkpoint(source: str | os.PathLike, out: str | os.PathLike, recipe: 
                 return int(key[len(stack):].split(".", 1)[0]) <= index
 
             writer.write_ready(ready)
+            for name in layer_facts:
+                payloads.pop(name, None)  # written: the codes need not stay in memory
 
         try:
             report = run(model, recipe, tokens, on_done=write_layer, **options)

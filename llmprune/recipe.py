@@ -7,6 +7,7 @@ is where every bad setting fails, before any model is loaded.
 from __future__ import annotations
 
 import platform
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -15,9 +16,11 @@ from . import calib as calibration
 from ._version import __version__
 from .allocation import Allocation, make_allocation
 from .errors import LLMPruneError
-from .patterns import Pattern, parse_pattern
+from .patterns import Hybrid, Pattern, parse_pattern
 from .pruners import Pruner, make_pruner, make_refiner
 from .pruners.dsnot import DSnoT
+from .pruners.quantizer import Quantizer
+from .pruners.sparsegpt import GPTQ, SparseGPT
 from .report import RecipeRecord
 
 
@@ -49,22 +52,29 @@ class Recipe:
     refiner: DSnoT | None = None
     pruner_options: dict = field(default_factory=dict)  # as given, recorded in the report
     refine_options: dict = field(default_factory=dict)
-    passes: int = 1  # 1: each GEMM once, each group's statistics after the groups before it are pruned; 2: the papers' order
+    passes: int | None = None  # 1: each GEMM once, sequential; 2: the papers' order; None: 1 unless it would not fit
+    quantizer: Quantizer | None = None  # joint with SparseGPT's sweep; a GPTQ pass under the fixed mask otherwise
+    gptq: GPTQ | None = None  # that pass, for pruners that do not quantize themselves
 
     @classmethod
     def build(cls, method: str = "wanda", pattern: str | Pattern | None = None, sparsity: float | None = None, *,
               refine: str | None = None, refine_options: dict | None = None, allocation: str = "uniform",
               owl_lambda: float = 0.08, owl_m: float = 5.0, dense_fraction: float | None = None,
               hybrid_select: str = "error", hybrid_budget: str = "uniform", hybrid_block: int = 64,
-              calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0, passes: int = 1,
-              **pruner_options) -> Recipe:
+              calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0, passes: int | None = None,
+              quantize: str | None = None, group_size: int = 128, symmetric: bool = True, **pruner_options) -> Recipe:
         """Validate every setting and build the objects. ``pattern``: ``unstructured`` (with ``sparsity``),
         N:M such as ``2:4``, or ``hybrid:2:4`` (with ``dense_fraction`` of each linear's input columns kept
         dense in blocks of ``hybrid_block``); ``pruner_options`` go to the pruner (e.g. SparseGPT's
-        ``blocksize``), ``refine_options`` to the refiner (``refine="dsnot"``). ``passes``: 1 (default) runs
-        every GEMM of a layer once and takes each group's statistics with the groups before it already
-        pruned; 2 is the papers' order (statistics with the dense layer, then the outputs)."""
-        if passes not in (1, 2):
+        ``blocksize``), ``refine_options`` to the refiner (``refine="dsnot"``). ``passes``: 1 runs every
+        GEMM of a layer once and takes each group's statistics with the groups before it already pruned;
+        2 is the papers' order (statistics with the dense layer, then the outputs); None (default) is 1
+        unless its memory would not fit (``pipeline.choose_passes``). ``quantize``
+        (``w4``: 4-bit weights; ``w2`` to ``w8``) quantizes the kept weights on a grid per ``group_size``
+        input columns (-1: per row), ``symmetric`` or not: SparseGPT prunes and quantizes in one OBS
+        sweep, other methods prune first and then run GPTQ under the fixed mask. With pattern ``dense``
+        and no pruning that is plain GPTQ."""
+        if passes not in (None, 1, 2):
             raise LLMPruneError(f"--passes must be 1 (each GEMM once, sequential) or 2 (the papers' order); got {passes}")
         pruner = make_pruner(method, **pruner_options)
         refine_options = dict(refine_options or {})
@@ -75,20 +85,35 @@ class Recipe:
             pattern = parse_pattern(pattern, sparsity, dense_fraction, hybrid_block)
         strategy = make_allocation(allocation, pattern, owl_lambda=owl_lambda, owl_m=owl_m,
                                    hybrid_select=hybrid_select, hybrid_budget=hybrid_budget)
+        quantizer = gptq = None
+        if quantize is not None:
+            match = re.fullmatch(r"w(\d+)", str(quantize))
+            if not match:
+                raise LLMPruneError(f"unknown --quantize {quantize!r}; use w4 (4-bit weights), or w2 to w8")
+            quantizer = Quantizer(int(match.group(1)), group_size, symmetric)
+            if isinstance(pattern, Hybrid):
+                raise LLMPruneError("hybrid:2:4 with --quantize has no packed format; use --pattern 2:4 (2:4 + INT4) "
+                                    "or a hybrid split without --quantize")
+            if refiner is not None and isinstance(pruner, SparseGPT):
+                raise LLMPruneError("--refine dsnot after SparseGPT's joint pruning and quantization would swap "
+                                    "quantized weights for unquantized ones; refine Wanda or magnitude instead")
+            if not isinstance(pruner, SparseGPT):
+                gptq = GPTQ()
         return cls(method, pruner, pattern, strategy, Calibration(calib, nsamples, seqlen, seed), refiner,
-                   dict(pruner_options), refine_options, passes)
+                   dict(pruner_options), refine_options, passes, quantizer, gptq)
 
     @property
     def needs(self) -> frozenset[str]:
         """The input statistics the main pass collects."""
-        return self.pruner.needs | (self.refiner.needs if self.refiner else frozenset()) | self.allocation.needs
+        needs = self.pruner.needs | (self.refiner.needs if self.refiner else frozenset()) | self.allocation.needs
+        return needs | (self.gptq.needs if self.gptq else frozenset())
 
     @property
     def hessian_dtype(self) -> torch.dtype:
         return getattr(self.pruner, "hessian_dtype", torch.float32)
 
     def record(self, source: str | None, device: str, calibration_spec: str | None = None,
-               tokens: torch.Tensor | None = None) -> RecipeRecord:
+               tokens: torch.Tensor | None = None, passes: int | None = None) -> RecipeRecord:
         """The report's view of this recipe (after the run: OWL's ratios are known then)."""
         calib = self.calibration
         nsamples, seqlen = (calib.nsamples, calib.seqlen) if tokens is None else (int(tokens.shape[0]), int(tokens.shape[1]))
@@ -98,7 +123,9 @@ class Recipe:
             refine={"name": self.refiner.name, **self.refine_options} if self.refiner else None,
             calibration={"spec": calibration_spec or calib.spec, "nsamples": nsamples, "seqlen": seqlen,
                          "seed": calib.seed},
-            source=source, device=device, versions=recorded_versions(), passes=self.passes,
+            source=source, device=device, versions=recorded_versions(), passes=passes or self.passes or 1,
+            quantize=None if self.quantizer is None else {"bits": self.quantizer.bits, "group_size": self.quantizer.group_size,
+                                                          "symmetric": self.quantizer.symmetric},
             **self.allocation.record())
 
 

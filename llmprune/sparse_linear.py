@@ -10,6 +10,11 @@ weight's other columns ``S``, run by the backend, and the dense columns ``D`` ru
 ``y = W[:, S]·x[S] + W[:, D]·x[D] + b``, two stock GEMMs whose results add, the inputs gathered
 once per part (a view when the part is one contiguous range).
 
+A 2:4 weight whose kept values are 4-bit codes on a per-group grid (``packing.Int24``) runs on the
+kernels for those (numba on CPU, Triton on CUDA) or dequantized once (``dense``); the module keeps the
+compact form too (codes two per byte, the bitmask, the grid: 0.39 bytes per weight), so saving it
+again writes exactly what was read.
+
 ``weight`` returns the dense ``[out, in]`` weight and ``state_dict()`` holds a dense ``weight`` (and
 ``bias``) in the replaced module's layout, so ``save_pretrained`` writes a checkpoint that plain
 transformers loads. Reading packed tensors is the checkpoint codecs' job, not this module's.
@@ -22,7 +27,8 @@ from torch import nn
 
 from .errors import LLMPruneError
 from .kernels import Backend, choose_backend
-from .packing import hybrid_columns, is_24, pack_24
+from .packing import (Int24, bitmask_positions, hybrid_columns, is_24, pack_24, pack_nibbles, positions_bitmask,
+                      unpack_nibbles)
 from .patterns import range_columns
 
 
@@ -33,12 +39,16 @@ class SparseLinear(nn.Module):
     the module it replaced, and the dense backend computes exactly what ``Conv1D`` computes.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "dense",
+    def __init__(self, weight: torch.Tensor | Int24, bias: torch.Tensor | None = None, backend: str = "dense",
                  name: str = "weight", transposed: bool = False,
-                 dense_ranges: tuple[tuple[int, int], ...] = ()) -> None:
-        """``weight`` is the dense ``[out, in]`` weight, 2:4 outside ``dense_ranges``."""
+                 dense_ranges: tuple[tuple[int, int], ...] = (), dtype: torch.dtype | None = None) -> None:
+        """``weight`` is the dense ``[out, in]`` weight, 2:4 outside ``dense_ranges``, or an ``Int24``
+        (then ``dtype`` is the dense path's compute dtype, float32 by default; no dense ranges)."""
         super().__init__()
         self.name = name
+        if isinstance(weight, Int24):
+            self._init_int24(weight, bias, backend, transposed, dtype or torch.float32)
+            return
         self.out_features, self.in_features = weight.shape
         self.dense_ranges = tuple((int(a), int(b)) for a, b in dense_ranges)
         dense = hybrid_columns(self.in_features, self.dense_ranges, name)
@@ -47,6 +57,8 @@ class SparseLinear(nn.Module):
         self.transposed = transposed
         self.requested_backend = backend
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        for attr in ("int_codes", "int_bitmask", "int_scales", "int_zeros"):
+            self.register_buffer(attr, None, persistent=False)
         weight = weight.detach()
         self.register_buffer("dense_weight", weight[:, self.dense_index].contiguous() if self.hybrid else None,
                              persistent=False)  # [out, |D|] of a hybrid layer
@@ -61,6 +73,32 @@ class SparseLinear(nn.Module):
             backend, sparse, name, transposed=transposed and not self.hybrid)
         self.kernel = nn.Parameter(values, requires_grad=False)
         self.register_buffer("meta", meta, persistent=False)  # a layout backend's positions
+
+    def _init_int24(self, q: Int24, bias: torch.Tensor | None, backend: str, transposed: bool,
+                    dtype: torch.dtype) -> None:
+        self.out_features, self.in_features = q.shape
+        self.dense_ranges = ()
+        self.transposed = transposed
+        self.requested_backend = backend
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        for attr in ("sparse_index", "dense_index", "dense_weight"):
+            self.register_buffer(attr, None, persistent=False)
+        self.register_buffer("int_codes", pack_nibbles(q.codes), persistent=False)
+        self.register_buffer("int_bitmask", positions_bitmask(q.positions, self.in_features), persistent=False)
+        self.register_buffer("int_scales", q.scales, persistent=False)
+        self.register_buffer("int_zeros", q.zeros, persistent=False)
+        self.group_size, self.bits = q.group_size, q.bits
+        self.kernel_backend, (values, meta), self.fallback_reason = choose_backend(backend, q, self.name, transposed,
+                                                                                   dtype)
+        self.kernel = nn.Parameter(values, requires_grad=False)
+        self.register_buffer("meta", meta, persistent=False)
+
+    def quantized(self) -> Int24 | None:
+        """The ``Int24`` this layer was built from (None for a floating-point 2:4 layer)."""
+        if self.int_codes is None:
+            return None
+        return Int24(unpack_nibbles(self.int_codes), bitmask_positions(self.int_bitmask, self.in_features, self.name),
+                     self.int_scales, self.int_zeros, self.group_size, self.bits)
 
     @property
     def backend(self) -> str:

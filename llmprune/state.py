@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 if TYPE_CHECKING:
+    from .packing import Int24
     from .report import PruneReport
 
 ATTRIBUTE = "llmprune_state"
@@ -24,6 +25,7 @@ class ModelState:
     report: PruneReport | None = None  # set by a pruning run, or read from a checkpoint's llmprune.json
     backends: dict[str, str] = field(default_factory=dict)  # packed module → backend it runs on
     fallbacks: dict[str, str] = field(default_factory=dict)  # packed module → why not the requested backend
+    quantized: dict[str, Int24] = field(default_factory=dict)  # a quantized 2:4 run's codes, per linear, for saving
 
 
 def state(model: nn.Module) -> ModelState:

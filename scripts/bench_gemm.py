@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--backends", default=None,
-                        help="sparse backends (default: numba on CPU; semi-structured,triton on CUDA)")
+                        help="sparse backends (default: numba on CPU; semi-structured,triton on CUDA); NAME+int4 times "
+                             "the 2:4 + INT4 kernel of that name (numba+int4, triton+int4)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and numba)")
     parser.add_argument("--pool-mb", type=int, default=POOL_BYTES >> 20, help="weight copies per shape (0: hot cache)")
     parser.add_argument("--repeats", type=int, default=100)

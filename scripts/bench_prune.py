@@ -7,7 +7,8 @@ fraction F), plus suffixes: ``+dsnot`` (DSnoT refinement), ``+owl`` (OWL allocat
 (every linear gets its own statistics, to measure what Hessian sharing saves), ``+dsnotattn`` (DSnoT
 on the attention linears only, as the paper's code does), ``+saliency`` (hybrid
 blocks by saliency instead of the error-driven default), ``+global`` (one global hybrid budget),
-``+2pass`` (the papers' two passes per layer instead of one). ``--baseline CHECKOUT`` runs each config
+``+2pass`` (the papers' two passes per layer instead of one), ``+w4`` (4-bit weights, group 128;
+``METHOD@dense+w4`` prunes nothing: plain GPTQ). ``--baseline CHECKOUT`` runs each config
 also with another checkout's code (e.g. a git worktree of an earlier commit), right after ours.
 Example (the protocol):
 
@@ -34,7 +35,8 @@ DEFAULT_MODEL = shared_dir() / "models" / "smollm2-135m-instruct-q4_1"
 # Suffixes that switch a pipeline option on: METHOD@TARGET+dsnot+owl+noshare.
 SUFFIXES = {"noshare": {"share_stats": False}, "dsnot": {"refine": "dsnot"}, "owl": {"allocation": "owl"},
             "dsnotattn": {"refine": "dsnot", "refine_options": {"skip": ("mlp",)}},
-            "saliency": {"hybrid_select": "saliency"}, "global": {"hybrid_budget": "global"}, "2pass": {"passes": 2}}
+            "saliency": {"hybrid_select": "saliency"}, "global": {"hybrid_budget": "global"}, "2pass": {"passes": 2},
+            "w4": {"quantize": "w4"}}
 
 
 def parse_config(config: str) -> dict:
@@ -50,7 +52,7 @@ def parse_config(config: str) -> dict:
     if target.startswith("hybrid:"):
         options["dense_fraction"] = float(target.removeprefix("hybrid:"))
         return {"method": method, "pattern": "hybrid:2:4", "sparsity": None, "options": options}
-    if ":" in target:
+    if ":" in target or target == "dense":
         return {"method": method, "pattern": target, "sparsity": None, "options": options}
     return {"method": method, "pattern": None, "sparsity": float(target or 0.5), "options": options}
 

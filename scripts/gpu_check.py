@@ -28,8 +28,8 @@ Steps (each one row of the summary table; any failure makes the exit status 1):
    packed, loaded in float16 with each sparse backend (``semi-structured``, ``triton``): no layer may fall
    back to dense, and the logits must match the ``dense`` backend's to 2e-2 relative (fp16 kernels that
    sum in another order).
-5. ``scripts/bench_gemm.py`` in float16 on SmolLM2 and Llama-2-7B shapes, ``semi-structured`` and ``triton``
-   against dense F.linear; every case must have run its own kernel.
+5. ``scripts/bench_gemm.py`` in float16 on SmolLM2 and Llama-2-7B shapes, ``semi-structured``, ``triton`` and
+   ``triton+int4`` (the 2:4 + INT4 kernel) against dense F.linear; every case must have run its own kernel.
 6. ``llmprune bench`` on that packed checkpoint (GEMMs on its shapes, prefill and decode).
 
 It ends with one markdown table (date, GPU, driver, torch and CUDA versions in its heading) to paste
@@ -104,13 +104,14 @@ class Sizes:
 REAL = Sizes(device="cuda", preset="smollm2", compare_layers=6, nsamples=16, seqlen=256, batch_size=8,
              other_batch_size=8, eval_tokens=(4, 128), packed_tokens=(4, 64), load_dtype="float16",
              backends=("semi-structured", "triton"),
-             gemm_args=("--device", "cuda", "--dtype", "float16", "--ms", "1,16,64,256,1024,4096"),
+             gemm_args=("--device", "cuda", "--dtype", "float16", "--ms", "1,16,64,256,1024,4096",
+                        "--backends", "semi-structured,triton,triton+int4"),
              bench_args=("--device", "cuda", "--dtype", "float16", "--backend", "auto"), step_timeout_s=300)
 DRY = Sizes(device="cpu", preset="tiny", compare_layers=None, nsamples=4, seqlen=64, batch_size=4,
             other_batch_size=2, eval_tokens=(2, 32), packed_tokens=(1, 4), load_dtype="float32",
             backends=("semi-structured", "triton"),
             gemm_args=("--device", "cpu", "--dtype", "float32", "--shapes", "64x128", "--ms", "1,4",
-                       "--backends", "semi-structured,triton", "--repeats", "3", "--pool-mb", "0"),
+                       "--backends", "semi-structured,triton,triton+int4", "--repeats", "3", "--pool-mb", "0"),
             bench_args=("--device", "cpu", "--dtype", "float32", "--backend", "dense", "--quick",
                         "--weight-pool-mb", "0"), step_timeout_s=120)
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from llmprune.checkpoint.safetensors import WEIGHTS_NAME
 from llmprune.cli import main
+from llmprune.packing import Int24
 from llmprune.patterns import NM, Unstructured
 from llmprune.stats import HESSIAN, InputStats
 
@@ -78,6 +79,22 @@ def random_24(out_features: int, in_features: int, dtype=torch.float32, seed: in
 def bits(tensor: torch.Tensor) -> torch.Tensor:
     """The raw bit patterns, so that -0.0 != +0.0 and NaN == NaN."""
     return tensor.contiguous().view({4: torch.int32, 2: torch.int16, 8: torch.int64}[tensor.element_size()])
+
+
+# the six ways to keep two of four positions, ascending
+PAIRS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]], dtype=torch.uint8)
+
+
+def random_int24(rows: int, columns: int, group_size: int, seed: int = 0, symmetric: bool = False) -> Int24:
+    """Random codes, two distinct ascending positions per group of 4, a float16 grid (zero points 8 when
+    ``symmetric``, random integers 0-15 otherwise)."""
+    generator = torch.Generator().manual_seed(seed)
+    positions = PAIRS[torch.randint(len(PAIRS), (rows, columns // 4), generator=generator)].reshape(rows, -1)
+    codes = torch.randint(16, (rows, columns // 2), generator=generator, dtype=torch.uint8)
+    grid = (rows, -(-columns // group_size))
+    scales = (torch.rand(grid, generator=generator) / 8 + 1e-3).half()
+    zeros = torch.full(grid, 8.0) if symmetric else torch.randint(16, grid, generator=generator).float()
+    return Int24(codes, positions, scales, zeros.half(), group_size)
 
 
 # --------------------------------------------------------------------------- SparseGPT reference

@@ -45,7 +45,7 @@ PRUNES: dict[str, list[str]] = {
                             "--hybrid-block", "16", "--hybrid-budget", "global", "--hybrid-select", "saliency"],
 }
 # Report fields that legitimately change from run to run or machine to machine, and those 0.1.0 did not write.
-VOLATILE = {"seconds", "layer_seconds", "phase_seconds", "source", "versions", "passes"}
+VOLATILE = {"seconds", "layer_seconds", "phase_seconds", "source", "versions", "passes", "quantize"}
 
 
 def _sha(data: bytes) -> str:

@@ -23,11 +23,12 @@ def test_byte_ceiling_and_helpers() -> None:
 
     def call(i: int) -> None:
         calls.append(i)
-        time.sleep(0.002 if i % 2 else 0.0)  # odd calls sleep: 3 of the 7 timed ones, so the median is a fast one
+        if i % 2:  # odd calls sleep: 3 of the 7 timed ones, so the median is a fast one
+            time.sleep(0.05)
 
     median = median_seconds(call, torch.device("cpu"), repeats=7, warmup=2)
     assert calls == [0, 1, 0, 1, 2, 3, 4, 5, 6]
-    assert median < 0.002  # the median, not the mean or the maximum
+    assert median < 0.025  # the median, not the mean or the maximum (a loaded machine may delay a fast call)
 
 
 @pytest.mark.parametrize("packed", [False, True])

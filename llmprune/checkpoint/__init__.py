@@ -18,6 +18,7 @@ from ..report import REPORT_FILE, PruneReport
 from ..state import state
 from .codecs import CODECS, Codec
 from .codecs.bitmask import BITMASK
+from .codecs.int24 import INT24
 from .codecs.sparse24 import SPARSE24
 from .directory import atomic_output_dir, check_output_dir
 from .reader import CONFIG_NAME, is_packed_checkpoint, read_checkpoint, sparse_format
@@ -45,15 +46,20 @@ def storage_plan(report: PruneReport | None, storage: str = "auto") -> tuple[Cod
             raise LLMPruneError("--format bitmask stores the linears a pruning run reports; this model has no "
                                 "llmprune_report (prune it with llmprune first)")
         return SPARSE24, None, None
-    codec, targets, _ = storage_plan_for(report.pattern, storage, report.linear_names)
+    codec, targets, _ = storage_plan_for(report.pattern, storage, report.linear_names, report.recipe.quantize)
     return codec, targets, report.dense_ranges() if report.packs_24 else None
 
 
-def storage_plan_for(pattern: Pattern, storage: str, pruned: set[str]) -> tuple[Codec, set[str], None]:
+def storage_plan_for(pattern: Pattern, storage: str, pruned: set[str], quantize: dict | None = None
+                     ) -> tuple[Codec, set[str], None]:
     """(codec, declared targets, None) for the linears ``pruned`` with ``pattern``: a 2:4 or hybrid:2:4 run
     declares them packing targets, so a weight that is not 2:4 fails loudly instead of being stored
-    dense; ``bitmask`` stores them in the legacy unstructured layout; any other run is stored dense."""
+    dense; a 2:4 run quantized to at most 4 bits is stored as 2:4 + INT4 codes; ``bitmask`` stores an
+    unstructured run in the legacy layout; any other run is stored dense. Other quantized runs (plain
+    GPTQ included) are stored as their dequantized weights, exact in float32."""
     check_storage(storage, pattern)
+    if quantize is not None and is_24_pattern(pattern) and quantize["bits"] <= 4:
+        return INT24, set(pruned), None
     if is_24_pattern(pattern):
         return SPARSE24, set(pruned), None
     if storage == "bitmask":
@@ -70,7 +76,7 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bo
     report = known.report
     codec, targets, hybrid = storage_plan(report, storage)
     with atomic_output_dir(out, overwrite) as tmp:
-        write_checkpoint(model, tmp, codec, targets=targets, hybrid=hybrid)
+        write_checkpoint(model, tmp, codec, targets=targets, hybrid=hybrid, payloads=known.quantized)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:

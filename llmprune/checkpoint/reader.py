@@ -15,15 +15,26 @@ from ..errors import LLMPruneError
 from ..kernels import BACKENDS
 from ..resources import read_json
 from ..sparse_linear import SparseLinear
-from .codecs import CODECS, Ranges, codec_for
-from .safetensors import TensorReader, read_layout
-from .writer import PACKING_KEY
+from .codecs import CODECS, Codec, Ranges, codec_for
+from .safetensors import TensorInfo, TensorReader, read_layout
+from .writer import GUARD_KEY, PACKING_KEY
 
 CONFIG_NAME = "config.json"
 
 
 def _read_config_json(directory: Path) -> dict:
     return read_json(directory / CONFIG_NAME, f"{directory} has no {CONFIG_NAME}; it is not a saved checkpoint")
+
+
+def declared_format(quant: object) -> str | None:
+    """The storage format of one of our codecs that a ``quantization_config`` (a dict as in config.json)
+    declares, or None. Checkpoints written before and after the ``transformers_weights`` guard both declare
+    it the same way; ``hf_integration`` uses this too, so a new codec is recognised everywhere at once."""
+    if not isinstance(quant, dict) or quant.get("quant_method") != "compressed-tensors":
+        return None
+    sparsity = quant.get("sparsity_config") or {}
+    declared = sparsity.get("format") if isinstance(sparsity, dict) else None
+    return declared if declared in CODECS else None
 
 
 def sparse_format(directory: str | os.PathLike) -> str | None:
@@ -35,11 +46,7 @@ def sparse_format(directory: str | os.PathLike) -> str | None:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    quant = raw.get("quantization_config") or {}
-    if not isinstance(quant, dict) or quant.get("quant_method") != "compressed-tensors":
-        return None
-    declared = (quant.get("sparsity_config") or {}).get("format")
-    return declared if declared in CODECS else None
+    return declared_format(raw.get("quantization_config")) if isinstance(raw, dict) else None
 
 
 def is_packed_checkpoint(directory: str | os.PathLike) -> bool:
@@ -55,6 +62,31 @@ def _read_hybrid(packing: dict, directory: Path) -> dict[str, Ranges]:
     except (AttributeError, TypeError, ValueError) as exc:
         raise LLMPruneError(f"{directory / CONFIG_NAME}: {PACKING_KEY}.hybrid is corrupt ({exc}); it must map "
                             f"module names to [[start, end], ...]") from exc
+
+
+def declared_codec(raw: dict, directory: Path) -> Codec:
+    """The codec a checkpoint's config.json (``raw``) declares; a clear error when it declares none we read."""
+    declared = declared_format(raw.get("quantization_config"))
+    if declared is None:
+        raise LLMPruneError(f"{directory} is not a packed checkpoint (config.json declares no "
+                            f"compressed-tensors {' or '.join(CODECS)} sparsity); load it as a dense model")
+    if raw["quantization_config"].get("config_groups"):
+        raise LLMPruneError(f"{directory} is quantized as well as 2:4 sparse (quantization_config.config_groups); "
+                            f"llmprune reads sparse-only checkpoints")
+    return codec_for(declared)
+
+
+def plan_stored(codec: Codec, packing: dict, layout: dict[str, TensorInfo], modules: dict[str, nn.Module],
+                directory: Path) -> tuple[set[str], dict[str, Ranges]]:
+    """(module names stored through ``codec``, hybrid dense ranges), every stored module checked against the
+    headers (``layout``) and the model built from config.json (``modules``), before any data is read."""
+    stored = codec.claims(layout, packing.get("packed", []), directory)
+    hybrid = _read_hybrid(packing, directory)
+    for name in sorted(set(hybrid) - stored):
+        raise LLMPruneError(f"{directory}: config.json lists {name} as a hybrid layer but it is not packed")
+    for name in sorted(stored):
+        codec.check(name, modules.get(name), hybrid.get(name, ()), layout, directory)
+    return stored, hybrid
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -73,7 +105,8 @@ def build_empty(directory: Path, dtype: torch.dtype | None) -> nn.Module:
 
     try:
         config = AutoConfig.from_pretrained(directory)
-        for attr in ("quantization_config", PACKING_KEY):  # never let transformers look for compressed-tensors
+        # never let transformers look for compressed-tensors, nor a save_pretrained of the result carry our guard
+        for attr in ("quantization_config", PACKING_KEY, GUARD_KEY):
             if hasattr(config, attr):
                 delattr(config, attr)
         if dtype is None:
@@ -111,26 +144,14 @@ def read_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     device = torch.device(device)
     target_dtype = resolve_dtype(dtype)
     raw = _read_config_json(directory)
-    declared = sparse_format(directory)
-    if declared is None:
-        raise LLMPruneError(f"{directory} is not a packed checkpoint (config.json declares no "
-                            f"compressed-tensors {' or '.join(CODECS)} sparsity); load it as a dense model")
-    if raw["quantization_config"].get("config_groups"):
-        raise LLMPruneError(f"{directory} is quantized as well as 2:4 sparse (quantization_config.config_groups); "
-                            f"llmprune reads sparse-only checkpoints")
-    codec = codec_for(declared)
+    codec = declared_codec(raw, directory)
     packing = raw.get(PACKING_KEY) or {}
     layout = read_layout(directory)
     model = build_empty(directory, target_dtype)
     modules = dict(model.named_modules())
 
     # --- plan and check everything against the headers before reading any tensor data
-    stored = codec.claims(layout, packing.get("packed", []), directory)
-    hybrid = _read_hybrid(packing, directory)
-    for name in sorted(set(hybrid) - stored):
-        raise LLMPruneError(f"{directory}: config.json lists {name} as a hybrid layer but it is not packed")
-    for name in sorted(stored):
-        codec.check(name, modules.get(name), hybrid.get(name, ()), layout, directory)
+    stored, hybrid = plan_stored(codec, packing, layout, modules, directory)
 
     tied = dict(packing.get("tied", {}))
     for alias, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
@@ -179,7 +200,7 @@ def read_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     backends: dict[str, str] = {}
     fallbacks: dict[str, str] = {}
     for name in sorted(stored):
-        rebuilt = codec.decode(name, modules[name], hybrid.get(name, ()), fetch, cast, backend)
+        rebuilt = codec.decode(name, modules[name], hybrid.get(name, ()), fetch, cast, backend, device)
         if rebuilt is not modules[name]:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)

@@ -43,6 +43,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int
     end: int
+    base: int = 0  # where the data section starts in the file (8 + header length)
 
 
 @dataclass
@@ -174,7 +175,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
             raise LLMPruneError(f"{path}: header entry for {key} is corrupt ({entry!r})") from exc
         if dtype not in ST_SIZES or end - start != math.prod(shape) * ST_SIZES[dtype] or start < 0:
             raise LLMPruneError(f"{path}: header entry for {key} is inconsistent ({dtype} {list(shape)} at {start}..{end})")
-        layout[key] = TensorInfo(path.name, dtype, shape, start, end)
+        layout[key] = TensorInfo(path.name, dtype, shape, start, end, 8 + length)
     cut = sorted((info.start, key) for key, info in layout.items() if info.end > data_size)
     if cut:
         key = cut[0][1]
@@ -208,8 +209,14 @@ def read_layout(directory: Path) -> dict[str, TensorInfo]:
     return layout
 
 
+_TORCH_DTYPES = {name: dtype for dtype, name in ST_DTYPES.items()}
+
+
 class TensorReader:
-    """Reads single tensors of a checkpoint by key (memory-mapped); errors name the tensor and the file."""
+    """Reads single tensors of a checkpoint by key into memory of their own (a positioned read, not a
+    memory map: pages of a mapped file stay in the process's resident set until it is unmapped, so a
+    model streamed layer by layer through a map would look as large as the model). Errors name the
+    tensor and the file."""
 
     def __init__(self, directory: Path, layout: dict[str, TensorInfo]) -> None:
         self.directory = directory
@@ -217,15 +224,24 @@ class TensorReader:
         self._handles: dict[str, object] = {}
 
     def __call__(self, key: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
-
         info = self.layout[key]
+        path = self.directory / info.file
+        if info.dtype not in _TORCH_DTYPES:
+            raise LLMPruneError(f"cannot read {key} from {path}: dtype {info.dtype} has no torch equivalent here")
+        data = torch.empty(info.end - info.start, dtype=torch.uint8)
         try:
             if info.file not in self._handles:
-                self._handles[info.file] = safe_open(str(self.directory / info.file), framework="pt", device="cpu")
-            return self._handles[info.file].get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise LLMPruneError(f"cannot read {key} from {self.directory / info.file}: {exc}") from exc
+                self._handles[info.file] = open(path, "rb")
+            handle = self._handles[info.file]
+            handle.seek(info.base + info.start)
+            read = handle.readinto(data.numpy()) if data.numel() else 0
+        except OSError as exc:
+            raise LLMPruneError(f"cannot read {key} from {path}: {exc}") from exc
+        if read != data.numel():
+            raise LLMPruneError(f"cannot read {key} from {path}: the file ends {data.numel() - read} bytes early")
+        return data.view(_TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()

@@ -9,19 +9,27 @@ sparsity block when any linear is stored sparse, so tools that read that format 
                           "targets": ["Linear"], "ignore": ["lm_head"], "global_sparsity": 45.1,
                           "registry_requires_subclass": false}},
     "llmprune_packing": {"version": 1, "packed": [module names], "tied": {alias: stored key},
-                         "hybrid": {module name: [[start, end], ...]}}
+                         "hybrid": {module name: [[start, end], ...]}},
+    "transformers_weights": "this llmprune checkpoint stores its pruned linears packed ... llmprune.load ..."
 
 ``targets`` are the class names of the stored modules and ``ignore`` the modules of those classes
 left dense (or hybrid, which legacy readers cannot rebuild), as llm-compressor writes them;
 ``global_sparsity`` is the percentage of zeros over all parameters (the legacy definition).
 ``llmprune_packing`` sits outside ``quantization_config`` so compressed-tensors' parser never mistakes
-it for a quantization scheme. A tensor shared by several keys (``lm_head`` tied to the embeddings) is
-stored once, under the first key in ``state_dict`` order, and never through a codec. The file is
-streamed (``safetensors.SafetensorsWriter``): writing needs one layer of extra memory.
+it for a quantization scheme. ``transformers_weights`` is a guard (``guard_message``): transformers
+(>= 4.53) reads that key as the name of the weights file and refuses one that does not end in
+``.safetensors``, quoting it, so plain ``from_pretrained`` fails naming ``llmprune.load`` instead of
+loading random weights where the packed linears are (compressed-tensors >= 0.15 no longer decodes the
+sparse layouts); ``llmprune.hf_integration`` removes the guard and decodes them.
+
+A tensor shared by several keys (``lm_head`` tied to the embeddings) is stored once, under the first
+key in ``state_dict`` order, and never through a codec. The file is streamed
+(``safetensors.SafetensorsWriter``): writing needs one layer of extra memory.
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -38,6 +46,15 @@ from .safetensors import WEIGHTS_NAME, SafetensorsWriter, Section
 
 PACKING_KEY = "llmprune_packing"
 PACKING_VERSION = 1
+GUARD_KEY = "transformers_weights"
+
+
+def guard_message(format_name: str) -> str:
+    """The ``transformers_weights`` value of a checkpoint with linears stored as ``format_name``: what plain
+    transformers quotes when it refuses the checkpoint."""
+    return (f"this llmprune checkpoint stores its pruned linears packed ({format_name}), which plain transformers "
+            f"cannot rebuild (it would load random weights in their place); load it with llmprune.load(path), "
+            f"or import llmprune before from_pretrained")
 
 
 def state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor | None, bool]]:
@@ -116,11 +133,14 @@ class CheckpointWriter:
 
     def __init__(self, model: nn.Module, directory: str | os.PathLike, codec: Codec,
                  targets: set[str] | None = None, hybrid: dict[str, Ranges] | None = None,
-                 ranges_later: bool = False, fetch: Callable[[str], torch.Tensor] | None = None) -> None:
-        """``ranges_later``: the hybrid modules' dense ranges are filled into ``hybrid`` while writing
-        (a layer's split is chosen when it is pruned), so their tensors are named when produced.
-        ``fetch(key)`` reads a dense tensor the model holds only on the meta device (an output head
-        nothing computed with), for the moment it is written."""
+                 ranges_later: bool = False, fetch: Callable[[str], torch.Tensor] | None = None,
+                 payloads: dict[str, object] | None = None) -> None:
+        """``payloads`` maps a linear to what its pruning made besides the weight (a quantized linear's
+        ``Int24``), for the codec. ``ranges_later``: the hybrid modules' dense ranges (and the payloads)
+        are filled into ``hybrid`` (and ``payloads``) while writing, as each layer is pruned, so those
+        tensors are named when produced. ``fetch(key)`` reads a dense tensor the model holds only on the
+        meta device (an output head nothing computed with), for the moment it is written."""
+        self._payloads = payloads if payloads is not None else {}
         self.model, self.directory, self.codec, self._fetch = model, Path(directory), codec, fetch
         if not self.directory.is_dir():
             raise LLMPruneError(f"{self.directory} is not a directory")
@@ -171,11 +191,12 @@ class CheckpointWriter:
     def _linear(self, name: str, ranges_later: bool) -> Section:
         """The codec's section of a stored linear, counting its zeros for ``global_sparsity`` as it is produced."""
         module = self._modules[name]
-        planned = None if ranges_later else self.codec.section(name, module, self.ranges_of(name))
+        planned = None if ranges_later else self.codec.section(name, module, self.ranges_of(name),
+                                                                self._payloads.get(name))
 
         def produce() -> list[tuple[str, torch.Tensor]]:
             self._count(module.weight if isinstance(module, SparseLinear) else linear_weight(module))
-            return (planned or self.codec.section(name, module, self.ranges_of(name))).produce()
+            return (planned or self.codec.section(name, module, self.ranges_of(name), self._payloads.get(name))).produce()
 
         return Section(None if planned is None else planned.keys, produce)
 
@@ -208,7 +229,7 @@ class CheckpointWriter:
         self._file.close()
         modules = dict(self.model.named_modules())
         config = copy.deepcopy(self.model.config)
-        for attr in ("quantization_config", PACKING_KEY):
+        for attr in ("quantization_config", PACKING_KEY, GUARD_KEY):  # a source's weights file name is not ours
             if hasattr(config, attr):
                 delattr(config, attr)
         dtype = _model_dtype(self.model)
@@ -238,6 +259,11 @@ class CheckpointWriter:
                 packing["hybrid"] = {name: [list(r) for r in ranges] for name, ranges in ranges_of.items()}
             setattr(config, PACKING_KEY, packing)
         config.save_pretrained(self.directory)
+        if self.stored:  # save_pretrained never writes this key, so it is added to the file, formatted the same way
+            path = self.directory / "config.json"
+            written = json.loads(path.read_text(encoding="utf-8"))
+            written[GUARD_KEY] = guard_message(self.codec.format)
+            path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         generation_config = getattr(self.model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(self.directory)
@@ -248,9 +274,9 @@ class CheckpointWriter:
 
 
 def write_checkpoint(model: nn.Module, directory: str | os.PathLike, codec: Codec, targets: set[str] | None = None,
-                     hybrid: dict[str, Ranges] | None = None) -> list[str]:
+                     hybrid: dict[str, Ranges] | None = None, payloads: dict[str, object] | None = None) -> list[str]:
     """Write a model held in memory (see ``CheckpointWriter``); returns the module names stored through the codec."""
-    writer = CheckpointWriter(model, directory, codec, targets, hybrid)
+    writer = CheckpointWriter(model, directory, codec, targets, hybrid, payloads=payloads)
     try:
         return writer.close()
     except BaseException:

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapter import ModelAdapter
+from ..packing import Int24, int24_from
 from ..patterns import NM
 from ..sparse_linear import SparseLinear
 
@@ -33,14 +34,22 @@ POOL_BYTES = 256 << 20  # weight copies per shape in the GEMM benchmark: beyond 
 # Metadata bits per dense element of each backend's layout: 2-bit positions of the two kept values of 4
 # (1 bit per element), or the numba kernel's one byte per group of 4 (2 bits); the dense backend has no saving.
 METADATA_BITS = {"semi-structured": 1, "triton": 1, "numba": 2}
+# 2:4 + INT4 (``+int4``): bytes per group of 4 inputs with a 128-column grid, in both kernels' layouts:
+# two 4-bit codes, 4 bits of positions, and a float32 scale and offset per row and 128 columns.
+INT4_GROUP_BYTES = 1.5 + 8 / 32
+INT4 = "+int4"
 
 
 def byte_ceiling(dtype: torch.dtype, backend: str = "triton") -> float:
-    """Most a memory-bound 2:4 GEMV can gain over dense: dense bytes / (kept values + metadata)."""
-    if backend == "dense":
+    """Most a memory-bound 2:4 GEMV can gain over dense: dense bytes / (kept values + metadata);
+    ``backend`` may carry ``+int4`` (the kept values as 4-bit codes)."""
+    name, _, fmt = backend.partition("+")
+    if name == "dense":
         return 1.0
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return itemsize / (itemsize / 2 + METADATA_BITS[backend] / 8)
+    if fmt:
+        return 4 * itemsize / INT4_GROUP_BYTES
+    return itemsize / (itemsize / 2 + METADATA_BITS[name] / 8)
 
 
 def median_seconds(fn: Callable[[int], object], device: torch.device, repeats: int, warmup: int,
@@ -76,12 +85,32 @@ def random_24(out_features: int, in_features: int, dtype: torch.dtype, device: t
     return weight.to(device=device, dtype=dtype)
 
 
+def random_int24(weight: torch.Tensor, generator: torch.Generator, group_size: int = 128) -> Int24:
+    """``weight``'s 2:4 positions with random 4-bit codes on a random symmetric grid of ``group_size`` columns."""
+    out_features, in_features = weight.shape
+    groups = -(-in_features // group_size)
+    codes = torch.randint(0, 16, (out_features, in_features), generator=generator, dtype=torch.uint8)
+    scales = (torch.rand(out_features, groups, generator=generator) * 0.01 + 1e-3).half()
+    q = int24_from(weight.float().cpu() + 0.0, codes, scales, torch.full((out_features, groups), 8.0).half(), group_size)
+    return Int24(*(t.to(weight.device) for t in q[:4]), q.group_size, q.bits)
+
+
+def sparse_module(weight: torch.Tensor, backend: str, generator: torch.Generator) -> SparseLinear:
+    """A ``SparseLinear`` of ``weight`` on ``backend`` (``numba+int4``: as random 4-bit codes on its positions)."""
+    name, _, fmt = backend.partition("+")
+    label = "x".join(map(str, weight.shape))
+    if fmt:
+        return SparseLinear(random_int24(weight, generator), backend=name, name=label, dtype=weight.dtype)
+    return SparseLinear(weight.clone(), backend=name, name=label)  # a clone: the dense backend keeps its input
+
+
 @torch.inference_mode()
 def gemm_benchmark(shapes: list[tuple[int, int]], ms: tuple[int, ...], backends: list[str], dtype: torch.dtype,
                    device: torch.device, repeats: int = 100, warmup: int = 10, seed: int = 0,
                    pool_bytes: int = POOL_BYTES, progress: bool = True) -> list[dict]:
     """``y = x·Wᵀ`` for each ``[out, in]`` shape and each M (rows of x): dense ``F.linear`` against
-    ``SparseLinear`` with each backend. One row per (shape, M, backend) with medians and speedups.
+    ``SparseLinear`` with each backend (``NAME+int4``: the 2:4 + INT4 kernels of that name). One row per
+    (shape, M, backend) with medians and speedups.
 
     Each side cycles through copies of its weight holding at least ``pool_bytes`` of dense weights
     (0: one weight, timed hot in cache)."""
@@ -94,18 +123,18 @@ def gemm_benchmark(shapes: list[tuple[int, int]], ms: tuple[int, ...], backends:
         dense = [nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype) for _ in range(copies)]
         for linear in dense:  # modules, so both sides pay the same call overhead
             linear.weight.data.copy_(weight)
-        modules = {backend: [SparseLinear(weight.clone(), backend=backend, name=f"{out_features}x{in_features}")
-                             for _ in range(copies)] for backend in backends}  # clones: the dense backend keeps its input
+        modules = {backend: [sparse_module(weight, backend, generator) for _ in range(copies)] for backend in backends}
         for m in ms:
             pool = [torch.randn(m, in_features, generator=generator).to(device=device, dtype=dtype) + 0.1
                     for _ in range(4)]
             dense_s = median_seconds(lambda i: dense[i % copies](pool[i % 4]), device, repeats, warmup)
             for backend, sparse in modules.items():
                 sparse_s = median_seconds(lambda i: sparse[i % copies](pool[i % 4]), device, repeats, warmup)
+                ran = sparse[0].backend + (INT4 if INT4 in backend and sparse[0].backend != "dense" else "")
                 rows.append({"out": out_features, "in": in_features, "m": m, "backend": backend,
-                             "ran": sparse[0].backend, "weight_copies": copies, "dense_us": round(dense_s * 1e6, 2),
+                             "ran": ran, "weight_copies": copies, "dense_us": round(dense_s * 1e6, 2),
                              "sparse_us": round(sparse_s * 1e6, 2), "speedup": round(dense_s / sparse_s, 3),
-                             "ceiling": round(byte_ceiling(dtype, sparse[0].backend), 3)})
+                             "ceiling": round(byte_ceiling(dtype, ran), 3)})
             bar.update()
     bar.close()
     return rows

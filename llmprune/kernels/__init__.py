@@ -5,6 +5,8 @@ Every kernel module has the same four functions: ``unavailable(weight)`` (why it
 representation, built once at load time, ``linear(x, values, meta, bias)`` → ``x·Wᵀ + b`` and
 ``from_layout(values, meta)`` → the dense weight. ``SparseLinear`` holds ``values``/``meta`` and a
 ``Backend``; ``choose_backend`` resolves ``auto`` and falls back to the exact dense path with a reason.
+A 2:4 weight with 4-bit codes (``packing.Int24``) has kernels of its own under the same names
+(``numba24q4``, ``triton24q4``: their ``to_layout``/``unavailable`` take the ``Int24``).
 The kernel modules import their optional dependencies (numba, triton) only when used.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LLMPruneError
+from ..packing import Int24
 
 # The user-facing names (the CLI lists them).
 BACKENDS = ("dense", "semi-structured", "triton", "numba", "auto")
@@ -93,36 +96,56 @@ class Dense(Backend):
         return values.T if self.transposed else values
 
 
+class DenseInt(Dense):
+    """The exact path for an ``Int24``: dequantized once, in ``dtype``."""
+
+    def __init__(self, dtype: torch.dtype, transposed: bool = False) -> None:
+        super().__init__(transposed)
+        self.dtype = dtype
+
+    def prepare(self, weight, name):
+        return super().prepare(weight.dequantize().to(self.dtype), name)
+
+
 _KERNELS = {"semi-structured": KernelModule("semi-structured", "semi_structured"),
             "triton": KernelModule("triton", "triton24"), "numba": KernelModule("numba", "numba24")}
+_INT_KERNELS = {"triton": KernelModule("triton", "triton24q4"), "numba": KernelModule("numba", "numba24q4")}
 
 
-def auto_backend(device: torch.device) -> str:
-    """What ``auto`` means on ``device``: the CUDA 2:4 kernels on a GPU, our numba kernel on CPU."""
-    return "semi-structured" if device.type == "cuda" else "numba"
+def auto_backend(device: torch.device, quantized: bool = False) -> str:
+    """What ``auto`` means on ``device``: the CUDA 2:4 kernels on a GPU (our Triton kernel for 4-bit
+    codes), our numba kernels on CPU."""
+    if device.type == "cuda":
+        return "triton" if quantized else "semi-structured"
+    return "numba"
 
 
-def choose_backend(requested: str, weight: torch.Tensor, name: str, transposed: bool = False
-                   ) -> tuple[Backend, tuple[torch.Tensor, torch.Tensor | None], str | None]:
-    """The backend that runs the 2:4 ``weight`` ``[out, in]``, its prepared tensors, and why it is not
-    ``requested`` (None when it is). A layer a kernel cannot take runs on the exact dense path."""
+def choose_backend(requested: str, weight: torch.Tensor | Int24, name: str, transposed: bool = False,
+                   dtype: torch.dtype = torch.float32) -> tuple[Backend, tuple[torch.Tensor, torch.Tensor | None], str | None]:
+    """The backend that runs the 2:4 ``weight`` (a dense ``[out, in]`` tensor, or an ``Int24``), its prepared
+    tensors, and why it is not ``requested`` (None when it is). A layer a kernel cannot take runs on the
+    exact dense path (an ``Int24`` dequantized in ``dtype``)."""
     if requested not in BACKENDS:
         raise LLMPruneError(f"unknown SparseLinear backend {requested!r}; use one of {', '.join(BACKENDS)}")
-    wanted = auto_backend(weight.device) if requested == "auto" else requested
+    quantized = isinstance(weight, Int24)
+    device = weight.codes.device if quantized else weight.device
+    wanted = auto_backend(device, quantized) if requested == "auto" else requested
     reason = None
     if wanted != "dense":
-        backend = _KERNELS[wanted]
-        reason = backend.unavailable(weight)
+        backend = (_INT_KERNELS if quantized else _KERNELS).get(wanted)
+        reason = f"no {wanted} kernel for 4-bit codes" if backend is None else backend.unavailable(weight)
         if reason is None:
             try:
                 return backend, backend.prepare(weight, name), None
             except LLMPruneError as exc:
                 reason = str(exc)
-    dense = Dense(transposed)
+    dense = DenseInt(dtype, transposed) if quantized else Dense(transposed)
     return dense, dense.prepare(weight, name), reason
 
 
-def sparse_backends(device: torch.device) -> tuple[str, ...]:
-    """The sparse backends worth timing on ``device``."""
-    return ("semi-structured", "triton") if device.type == "cuda" else ("numba",)
+def sparse_backends(device: torch.device, int4: bool = False) -> tuple[str, ...]:
+    """The sparse backends worth timing on ``device`` (with ``int4``, also their 2:4 + INT4 kernels,
+    named ``NAME+int4``)."""
+    backends = ("semi-structured", "triton") if device.type == "cuda" else ("numba",)
+    return backends + ((("triton+int4",) if device.type == "cuda" else ("numba+int4",)) if int4 else ())
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 from ...errors import LLMPruneError
 from .base import Codec, Ranges
 from .bitmask import BITMASK
+from .int24 import INT24
 from .sparse24 import SPARSE24
 
-CODECS: dict[str, Codec] = {codec.format: codec for codec in (SPARSE24, BITMASK)}
+CODECS: dict[str, Codec] = {codec.format: codec for codec in (SPARSE24, BITMASK, INT24)}
 
 
 def codec_for(format_name: str) -> Codec:

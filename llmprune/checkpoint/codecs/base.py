@@ -45,7 +45,9 @@ class Codec:
         stored under (tied weights stay dense)."""
         raise NotImplementedError
 
-    def section(self, name: str, module: nn.Module, ranges: Ranges) -> Section:
+    def section(self, name: str, module: nn.Module, ranges: Ranges, payload=None) -> Section:
+        """The header entries of ``name``'s tensors and the function that produces them; ``payload`` is what
+        the pruning run made besides the weight (the ``Int24`` of a quantized linear), when the codec needs it."""
         raise NotImplementedError
 
     def claims(self, layout: dict[str, TensorInfo], packed: Iterable[str], directory: Path) -> set[str]:
@@ -69,8 +71,9 @@ class Codec:
         return linear_shape(module)
 
     def decode(self, name: str, module: nn.Module, ranges: Ranges, fetch: Fetch, cast: Cast,
-               backend: str) -> nn.Module:
-        """The module that replaces ``module`` (which may be rewritten in place and returned)."""
+               backend: str, device: torch.device) -> nn.Module:
+        """The module that replaces ``module`` (which may be rewritten in place and returned); ``cast`` moves a
+        tensor to ``device`` and floating ones to the model's dtype."""
         raise NotImplementedError
 
 

@@ -42,7 +42,7 @@ class Bitmask(Codec):
                 raise LLMPruneError(f"sparse-bitmask target {name}.weight is tied to another tensor; it is stored dense")
         return [name for name in modules if name in targets]
 
-    def section(self, name: str, module: nn.Module, ranges: Ranges) -> Section:
+    def section(self, name: str, module: nn.Module, ranges: Ranges, payload=None) -> Section:
         out_features, in_features = linear_shape(module)
 
         def produce() -> list[torch.Tensor]:
@@ -67,7 +67,7 @@ class Bitmask(Codec):
                       f"config.json makes {name} [out, in] = [{out_features}, {in_features}]")
 
     def decode(self, name: str, module: nn.Module, ranges: Ranges, fetch: Fetch, cast: Cast,
-               backend: str) -> nn.Module:
+               backend: str, device: torch.device) -> nn.Module:
         weight = unpack_bitmask(*(fetch(f"{name}.{suffix}") for suffix in self.suffixes), name=name)
         if tuple(weight.shape) != linear_shape(module):
             raise LLMPruneError(f"{name}.shape says (out, in) = {tuple(weight.shape)}, but config.json makes {name} "

@@ -69,7 +69,7 @@ class Sparse24(Codec):
                 packed.append(name)
         return packed
 
-    def section(self, name: str, module: nn.Module, ranges: Ranges) -> Section:
+    def section(self, name: str, module: nn.Module, ranges: Ranges, payload=None) -> Section:
         if isinstance(module, SparseLinear):
             out_features, in_features, dtype = module.out_features, module.in_features, module.kernel.dtype
         else:
@@ -121,7 +121,7 @@ class Sparse24(Codec):
             raise LLMPruneError(f"{name} has in_features {in_features}, not divisible by 4, yet is stored packed")
 
     def decode(self, name: str, module: nn.Module, ranges: Ranges, fetch: Fetch, cast: Cast,
-               backend: str) -> SparseLinear:
+               backend: str, device: torch.device) -> SparseLinear:
         out_features, in_features = linear_shape(module)
         expected = (out_features, in_features - int(range_columns(in_features, ranges).sum()))
         stored = dense_shape(fetch(f"{name}.shape"), name)

@@ -83,8 +83,11 @@ class InputStats:
     def hessian(self) -> torch.Tensor | None:
         """2·E[xxᵀ] ``[in, in]``, symmetric (None unless collected)."""
         if self._hessian is not None and not self._mirrored:
-            lower = torch.ones(self.in_features, self.in_features, dtype=torch.bool, device=self._hessian.device).tril_(-1)
-            self._hessian[lower] = self._hessian.T[lower]
+            h = self._hessian
+            for start, end in self._blocks:  # block by block: no temporary of the full size
+                block = h[start:end, start:end]
+                block.copy_(block.triu() + block.triu(1).T)
+                h[end:, start:end] = h[start:end, end:].T
             self._mirrored = True
         return self._hessian
 

@@ -8,7 +8,7 @@ fraction F), plus suffixes: ``+dsnot`` (DSnoT refinement), ``+owl`` (OWL allocat
 on the attention linears only, as the paper's code does), ``+saliency`` (hybrid
 blocks by saliency instead of the error-driven default), ``+global`` (one global hybrid budget),
 ``+2pass`` (the papers' two passes per layer instead of one), ``+w4`` (4-bit weights, group 128;
-``METHOD@dense+w4`` prunes nothing: plain GPTQ). ``--baseline CHECKOUT`` runs each config
+``METHOD@dense+w4`` prunes nothing: plain GPTQ), ``+asym`` (zero points), ``+gN`` (group size N). ``--baseline CHECKOUT`` runs each config
 also with another checkout's code (e.g. a git worktree of an earlier commit), right after ours.
 Example (the protocol):
 
@@ -36,13 +36,16 @@ DEFAULT_MODEL = shared_dir() / "models" / "smollm2-135m-instruct-q4_1"
 SUFFIXES = {"noshare": {"share_stats": False}, "dsnot": {"refine": "dsnot"}, "owl": {"allocation": "owl"},
             "dsnotattn": {"refine": "dsnot", "refine_options": {"skip": ("mlp",)}},
             "saliency": {"hybrid_select": "saliency"}, "global": {"hybrid_budget": "global"}, "2pass": {"passes": 2},
-            "w4": {"quantize": "w4"}}
+            "w4": {"quantize": "w4"}, "asym": {"symmetric": False}}
 
 
 def parse_config(config: str) -> dict:
     base, *flags = config.split("+")
     options: dict = {}
     for flag in flags:
+        if flag[:1] == "g" and flag[1:].isdigit():  # +g64: quantization group size
+            options["group_size"] = int(flag[1:])
+            continue
         if flag not in SUFFIXES:
             raise SystemExit(f"unknown config suffix +{flag}; known: {', '.join(SUFFIXES)}")
         options.update(SUFFIXES[flag])

@@ -58,6 +58,14 @@ PRESETS: dict[str, dict] = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
                       rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # meta-llama/Llama-2-70b-hf: 69.0B parameters (138 GB in bf16; scripts/memory_formula.py's shapes).
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # meta-llama/Llama-3.1-405B: 405.9B parameters.
+    "llama3-405b": dict(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                        rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 DTYPES = {"bfloat16": (torch.bfloat16, "BF16"), "float16": (torch.float16, "F16"), "float32": (torch.float32, "F32")}
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: unk, bos, eos

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -415,6 +417,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote a dense checkpoint of {args.directory} to {out}")
 
 
+def _terminated(signum: int, frame) -> None:
+    """SIGTERM (a scheduler's kill, torchrun ending the other ranks) unwinds like Ctrl-C, so the
+    temporary output directory is removed instead of left behind at the size of a model."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info, "compare": cmd_compare,
@@ -423,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         handler(args)
     except LLMPruneError as exc:

@@ -145,3 +145,25 @@ def test_activations_offloaded_to_a_file_give_the_same_result(tmp_path) -> None:
     prune_checkpoint(source, tmp_path / "file", recipe, device="cpu", progress=False, offload_activations=offload)
     assert (tmp_path / "ram" / WEIGHTS_NAME).read_bytes() == (tmp_path / "file" / WEIGHTS_NAME).read_bytes()
     assert offload.is_dir() and not list(offload.iterdir())  # the file is removed at the end
+
+
+def test_sigterm_leaves_no_temporary_output(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source, calib = source_and_calib(tmp_path)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "llmprune", "prune", str(source), "--method", "sparsegpt",
+                                "--pattern", "2:4", "--calib", str(calib), "--nsamples", "1024", "--seqlen", "32",
+                                "--device", "cpu", "--quiet", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before its temporary output appeared"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in err, err[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))

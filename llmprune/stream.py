@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import LLMPruneError
-from .resources import return_freed_memory
+from .resources import map_large_allocations, return_freed_memory
 from . import distributed
 from .adapter import ModelAdapter, Prunable
 from .device import resolve_device, to_device
@@ -525,6 +525,7 @@ def layerwise(adapter: ModelAdapter, tokens: torch.Tensor, process: Process, *, 
         raise LLMPruneError(f"passes must be 1 (each GEMM once, sequential) or 2 (statistics, then outputs); got {passes}")
     settings = Settings(resolve_device(device), frozenset(needs), passes, share_stats, hessian_dtype, measure_error,
                         error_tokens, rewrites)
+    map_large_allocations()
     activations, layer_inputs = capture(adapter, tokens, batch_size, Activations(offload_activations))
     structure = _Structure()
     reports: list[LayerReport] = []

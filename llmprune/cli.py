@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--group-size", dest="group_size", type=int, default=128,
                        help="--quantize: input columns per scale (default 128; -1: one scale per row)")
     grid = prune.add_mutually_exclusive_group()
-    grid.add_argument("--sym", dest="symmetric", action="store_true", default=True,
-                      help="--quantize: symmetric grid, zero point 2^(B-1) (default)")
-    grid.add_argument("--asym", dest="symmetric", action="store_false", help="--quantize: a zero point per group")
+    grid.add_argument("--sym", dest="symmetric", action="store_true", default=False,
+                      help="--quantize: symmetric grid, zero point 2^(B-1)")
+    grid.add_argument("--asym", dest="symmetric", action="store_false",
+                      help="--quantize: a zero point per group (default: the same bytes, a closer grid)")
     prune.add_argument("--passes", type=int, default=None, choices=[1, 2],
                        help="1: every GEMM of a layer runs once, and each group of linears gets its statistics with "
                             "the groups before it already pruned; 2: the papers' order, statistics with the dense "

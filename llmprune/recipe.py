@@ -62,7 +62,7 @@ class Recipe:
               owl_lambda: float = 0.08, owl_m: float = 5.0, dense_fraction: float | None = None,
               hybrid_select: str = "error", hybrid_budget: str = "uniform", hybrid_block: int = 64,
               calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0, passes: int | None = None,
-              quantize: str | None = None, group_size: int = 128, symmetric: bool = True, **pruner_options) -> Recipe:
+              quantize: str | None = None, group_size: int = 128, symmetric: bool = False, **pruner_options) -> Recipe:
         """Validate every setting and build the objects. ``pattern``: ``unstructured`` (with ``sparsity``),
         N:M such as ``2:4``, or ``hybrid:2:4`` (with ``dense_fraction`` of each linear's input columns kept
         dense in blocks of ``hybrid_block``); ``pruner_options`` go to the pruner (e.g. SparseGPT's

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -418,10 +419,20 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote a dense checkpoint of {args.directory} to {out}")
 
 
-def _terminated(signum: int, frame) -> None:
+def _terminate_handler(pid: int):
     """SIGTERM (a scheduler's kill, torchrun ending the other ranks) unwinds like Ctrl-C, so the
-    temporary output directory is removed instead of left behind at the size of a model."""
-    raise KeyboardInterrupt
+    temporary output directory is removed instead of left behind at the size of a model. A process
+    forked meanwhile (a multiprocessing worker) inherits the handler and dies as SIGTERM means: its
+    pool terminates it that way and would otherwise wait for it forever."""
+
+    def handler(signum: int, frame) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminated)
+    installed = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate_handler(os.getpid())) if installed else None
     try:
         handler(args)
     except LLMPruneError as exc:
@@ -444,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmprune: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if installed:  # main() called in-process (tests, notebooks) leaves no handler behind
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
 
 

@@ -62,8 +62,7 @@ def map_large_allocations() -> None:
     glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, after which
     activation-sized temporaries come from the heaps of the threads that made them and stay resident
     once freed. The one-pass order runs each calibration batch in its own thread, so every thread kept
-    its own copies: SmolLM2 at 32 × 512 peaked at 1.64 GB instead of 0.98 GB over 3 layers
-    (eval/RESULTS.md). A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``) stops that; process-wide, so
+    its own copies (measured in eval/RESULTS.md, "One-pass memory"). A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``) stops that; process-wide, so
     it is set once, when pruning starts."""
     global _MAPPED
     libc = _libc()

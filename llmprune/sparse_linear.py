@@ -12,7 +12,7 @@ once per part (a view when the part is one contiguous range).
 
 A 2:4 weight whose kept values are 4-bit codes on a per-group grid (``packing.Int24``) runs on the
 kernels for those (numba on CPU, Triton on CUDA) or dequantized once (``dense``); the module keeps the
-compact form too (codes two per byte, the bitmask, the grid: 0.39 bytes per weight), so saving it
+compact form too (codes two per byte, the bitmask, the grid: 0.41 bytes per weight at group size 128), so saving it
 again writes exactly what was read.
 
 ``weight`` returns the dense ``[out, in]`` weight and ``state_dict()`` holds a dense ``weight`` (and

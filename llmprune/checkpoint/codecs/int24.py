@@ -12,7 +12,7 @@ For a linear ``P`` with weight ``[out, in]`` (``in`` divisible by 4), the tensor
 | ``P.shape`` | int64 | ``[2, 1]`` | (out, in) |
 
 A stored value reads back as ``(code − zero)·scale``, computed in float32 from the float16 grid; the
-other two positions of the group are 0. With G = 128 that is 0.39 bytes per weight, 0.195 of float16.
+other two positions of the group are 0. With G = 128 that is 0.41 bytes per weight, 0.20 of float16.
 Reading is strict: every shape, the bitmask's two bits per group, codes within ``2^bits``, a
 positive finite grid with integer zero points are checked, the tensor named on failure.
 """

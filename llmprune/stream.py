@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -41,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import LLMPruneError
-from .resources import map_large_allocations, return_freed_memory
+from .resources import share_one_heap, return_freed_memory
 from . import distributed
 from .adapter import ModelAdapter, Prunable
 from .device import resolve_device, to_device
@@ -235,17 +236,53 @@ def _run_layer(layer: nn.Module, states: torch.Tensor, inputs: LayerInputs, devi
     return out[0] if isinstance(out, tuple) else out
 
 
+class _Workers:
+    """The one-pass order's batch threads, kept from layer to layer: a fresh thread's GEMMs run ~10% slower
+    than a warm one's (its OpenMP team and BLAS buffers are new), and each layer would start one per batch."""
+
+    def __init__(self) -> None:
+        self.jobs: list[queue.SimpleQueue] = []
+        self.finished: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run(self, count: int, job: Callable[[int], None]) -> None:
+        """Start ``job(b)`` in thread ``b`` for each of ``count`` batches (``job`` must not raise)."""
+        while len(self.jobs) < count:
+            jobs: queue.SimpleQueue = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(len(self.jobs), jobs), daemon=True,
+                             name=f"llmprune-batch-{len(self.jobs)}").start()
+            self.jobs.append(jobs)
+        for b in range(count):
+            self.jobs[b].put(job)
+
+    def wait(self, count: int) -> None:
+        """Until ``count`` jobs have returned."""
+        for _ in range(count):
+            self.finished.get()
+
+    def _serve(self, b: int, jobs: queue.SimpleQueue) -> None:
+        while (job := jobs.get()) is not None:
+            job(b)
+            self.finished.put(b)
+
+    def close(self) -> None:
+        for jobs in self.jobs:
+            jobs.put(None)
+        self.jobs.clear()
+
+
 class _LayerRun:
     """One decoder layer: statistics, pruning (through ``process``), outputs and reconstruction errors."""
 
     def __init__(self, settings: Settings, index: int, prefix: str, layer: nn.Module, linears: dict[str, Prunable],
-                 process: Process, structure: _Structure) -> None:
+                 process: Process, structure: _Structure, workers: _Workers) -> None:
         self.settings, self.index, self.prefix, self.layer = settings, index, prefix, layer
+        self.workers = workers
         self.linears, self.process, self.structure = linears, process, structure
         self.learning = not structure.groups  # the first layer: groups are found as the inputs arrive
         self.modules = {id(p.module): name for name, p in linears.items()}
         self.stats: dict[str, InputStats] = {}
-        self.owner: dict[str, int] = {}  # name → its accumulator's id (kept after the accumulator is freed)
+        self.owner: dict[str, str] = {}  # name → the linear whose input created its accumulator (an id() could be
+        # reused once the accumulator is freed)
         self.order: list[str] = []  # names in the order their inputs first arrived
         self.info: dict[str, dict] = {}
         self.originals = ({n: p.weight.clone() for n, p in linears.items()} if settings.measure_error else {})
@@ -257,8 +294,10 @@ class _LayerRun:
 
     def collect(self, name: str, x: torch.Tensor, seen: dict) -> None:
         """Fold ``x`` into ``name``'s statistics unless this batch already folded the same tensor for a
-        linear that shares them; ``seen`` maps (data_ptr, shape, stride) → (tensor, stats) for the batch,
-        holding the tensor so its memory cannot be reused while the key is alive."""
+        linear that shares them; ``seen`` maps (data_ptr, shape, stride) → (tensor, stats, owner) for the batch,
+        holding the tensor so its memory cannot be reused while the key is alive. It holds the latest input
+        only: linears that share one run back to back (q/k/v, gate/up), and a batch parked at its down_proj
+        must not keep the inputs of every linear before it alive (8 batches × 4 inputs at 64 × 512)."""
         settings = self.settings
         if name not in self.order:
             self.order.append(name)
@@ -267,8 +306,7 @@ class _LayerRun:
         key = (x.data_ptr(), tuple(x.shape), x.stride())
         if name not in self.stats:
             if settings.share_stats and key in seen:
-                self.stats[name] = seen[key][1]
-                self.owner[name] = id(seen[key][1])
+                _, self.stats[name], self.owner[name] = seen[key]
                 return
             stats = InputStats(self.linears[name].in_features, settings.needs, device=x.device,
                                hessian_dtype=settings.hessian_dtype)
@@ -276,11 +314,12 @@ class _LayerRun:
                 [self.prefix + n for n in self.structure.group_of(_relative(name, self.prefix))]
             for member in group:
                 self.stats[member] = stats
-                self.owner[member] = id(stats)
+                self.owner[member] = name
         elif settings.share_stats and key in seen and seen[key][1] is self.stats[name]:
             return
         self.stats[name].update(x)
-        seen[key] = (x, self.stats[name])
+        seen.clear()
+        seen[key] = (x, self.stats[name], self.owner[name])
 
     def learn(self) -> None:
         """After the first layer: its linears in running order, grouped by shared statistics."""
@@ -413,14 +452,13 @@ class _LayerRun:
         errors: list[BaseException | None] = [None] * count
         seen: list[dict] = [{} for _ in range(count)]
         released: set[str] = set()
-        local = threading.local()
         handles: list = []
 
         def pre_hook(module: nn.Module, args: tuple) -> None:
             name = self.modules[id(module)]
             if name in released:
                 return
-            b = local.batch
+            b = self.local.batch
             self.collect(name, args[0], seen[b])
             at[b] = name
             parked[b].set()
@@ -428,7 +466,7 @@ class _LayerRun:
             go[b].clear()
 
         def worker(b: int) -> None:
-            local.batch = b
+            self.local.batch = b
             go[b].wait()
             go[b].clear()
             try:
@@ -442,10 +480,7 @@ class _LayerRun:
                 parked[b].set()
 
         handles = [p.module.register_forward_pre_hook(pre_hook) for p in self.linears.values()]
-        threads = [threading.Thread(target=worker, args=(b,), daemon=True, name=f"llmprune-batch-{b}")
-                   for b in range(count)]
-        for thread in threads:
-            thread.start()
+        self.workers.run(count, worker)
         try:
             while True:
                 for b in range(count):  # each batch in turn, until it parks or finishes
@@ -477,8 +512,7 @@ class _LayerRun:
                 if not done[b]:
                     released.update(self.linears)
                     go[b].set()
-            for thread in threads:
-                thread.join()
+            self.workers.wait(count)
             for h in handles:
                 h.remove()
         self.phases["outputs"] = time.perf_counter() - started - self.phases["process"]
@@ -525,9 +559,10 @@ def layerwise(adapter: ModelAdapter, tokens: torch.Tensor, process: Process, *, 
         raise LLMPruneError(f"passes must be 1 (each GEMM once, sequential) or 2 (statistics, then outputs); got {passes}")
     settings = Settings(resolve_device(device), frozenset(needs), passes, share_stats, hessian_dtype, measure_error,
                         error_tokens, rewrites)
-    map_large_allocations()
+    share_one_heap()
     activations, layer_inputs = capture(adapter, tokens, batch_size, Activations(offload_activations))
     structure = _Structure()
+    workers = _Workers()
     reports: list[LayerReport] = []
     bar = tqdm(total=len(adapter), desc=desc, unit="layer", disable=not (progress and distributed.is_leader()))
     try:
@@ -537,7 +572,7 @@ def layerwise(adapter: ModelAdapter, tokens: torch.Tensor, process: Process, *, 
                 source.load_layer(index)
             layer.to(settings.device)
             run = _LayerRun(settings, index, f"{adapter.layers_name}.{index}.", layer, adapter.linears(index), process,
-                            structure)
+                            structure, workers)
             run.run(activations.batches, layer_inputs[index], activations.replace)
             if settings.device.type != "cpu":
                 layer.to("cpu")
@@ -551,6 +586,7 @@ def layerwise(adapter: ModelAdapter, tokens: torch.Tensor, process: Process, *, 
             bar.set_postfix(layer_s=f"{reports[-1].seconds:.1f}")
             bar.update()
     finally:
+        workers.close()
         bar.close()
         activations.close()
     return reports

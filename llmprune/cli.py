@@ -23,7 +23,7 @@ EPILOG = """examples:
 
 
 # CLI flags forwarded to the pruner's constructor when given.
-PRUNER_OPTIONS = ("blocksize", "percdamp", "hessian_dtype")
+PRUNER_OPTIONS = ("blocksize", "percdamp", "hessian_dtype", "act_order")
 # CLI flags forwarded to the refiner's constructor (``dsnot_cycles`` → ``cycles``).
 REFINE_OPTIONS = ("dsnot_cycles", "dsnot_threshold", "dsnot_skip")
 
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
     prune.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per lazy-update block (default 128)")
     prune.add_argument("--percdamp", type=float, default=None, help="SparseGPT: damping as a fraction of mean diag(H) (default 0.01)")
+    prune.add_argument("--act-order", dest="act_order", action="store_true", default=None,
+                       help="SparseGPT: process the input columns by decreasing diag(H), N:M groups as units "
+                            "(GPTQ's act-order; for --quantize above all)")
     prune.add_argument("--hessian-dtype", dest="hessian_dtype", default=None, choices=["float32", "float64"],
                        help="SparseGPT: accumulation and factorisation dtype (default float32)")
     prune.add_argument("--refine", default=None, choices=["dsnot"], help="refine every base mask with DSnoT prune-and-grow")
@@ -123,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--quantize: symmetric grid, zero point 2^(B-1)")
     grid.add_argument("--asym", dest="symmetric", action="store_false",
                       help="--quantize: a zero point per group (default: the same bytes, a closer grid)")
+    prune.add_argument("--clip", action="store_true",
+                       help="--quantize: search each group's range (shrinking it up to half) for the least rounding "
+                            "error instead of spanning min to max")
     prune.add_argument("--passes", type=int, default=None, choices=[1, 2],
                        help="1: every GEMM of a layer runs once, and each group of linears gets its statistics with "
                             "the groups before it already pruned; 2: the papers' order, statistics with the dense "
@@ -218,7 +224,8 @@ def recipe_from_args(args: argparse.Namespace):
                         dense_fraction=args.dense_fraction, hybrid_select=args.hybrid_select,
                         hybrid_budget=args.hybrid_budget, hybrid_block=args.hybrid_block, calib=args.calib,
                         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, passes=args.passes,
-                        quantize=args.quantize, group_size=args.group_size, symmetric=args.symmetric, **options)
+                        quantize=args.quantize, group_size=args.group_size, symmetric=args.symmetric,
+                        clip=args.clip, **options)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:

@@ -62,7 +62,8 @@ class Recipe:
               owl_lambda: float = 0.08, owl_m: float = 5.0, dense_fraction: float | None = None,
               hybrid_select: str = "error", hybrid_budget: str = "uniform", hybrid_block: int = 64,
               calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0, passes: int | None = None,
-              quantize: str | None = None, group_size: int = 128, symmetric: bool = False, **pruner_options) -> Recipe:
+              quantize: str | None = None, group_size: int = 128, symmetric: bool = False, clip: bool = False,
+              **pruner_options) -> Recipe:
         """Validate every setting and build the objects. ``pattern``: ``unstructured`` (with ``sparsity``),
         N:M such as ``2:4``, or ``hybrid:2:4`` (with ``dense_fraction`` of each linear's input columns kept
         dense in blocks of ``hybrid_block``); ``pruner_options`` go to the pruner (e.g. SparseGPT's
@@ -71,7 +72,7 @@ class Recipe:
         2 is the papers' order (statistics with the dense layer, then the outputs); None (default) is 1
         unless its memory would not fit (``pipeline.choose_passes``). ``quantize``
         (``w4``: 4-bit weights; ``w2`` to ``w8``) quantizes the kept weights on a grid per ``group_size``
-        input columns (-1: per row), ``symmetric`` or not: SparseGPT prunes and quantizes in one OBS
+        input columns (-1: per row), ``symmetric`` or not, its range searched (``clip``) or min-max: SparseGPT prunes and quantizes in one OBS
         sweep, other methods prune first and then run GPTQ under the fixed mask. With pattern ``dense``
         and no pruning that is plain GPTQ."""
         if passes not in (None, 1, 2):
@@ -86,11 +87,13 @@ class Recipe:
         strategy = make_allocation(allocation, pattern, owl_lambda=owl_lambda, owl_m=owl_m,
                                    hybrid_select=hybrid_select, hybrid_budget=hybrid_budget)
         quantizer = gptq = None
+        if clip and quantize is None:
+            raise LLMPruneError("--clip searches the range of the quantization grid; it needs --quantize (e.g. w4)")
         if quantize is not None:
             match = re.fullmatch(r"w(\d+)", str(quantize))
             if not match:
                 raise LLMPruneError(f"unknown --quantize {quantize!r}; use w4 (4-bit weights), or w2 to w8")
-            quantizer = Quantizer(int(match.group(1)), group_size, symmetric)
+            quantizer = Quantizer(int(match.group(1)), group_size, symmetric, clip)
             if isinstance(pattern, Hybrid):
                 raise LLMPruneError("hybrid:2:4 with --quantize has no packed format; use --pattern 2:4 (2:4 + INT4) "
                                     "or a hybrid split without --quantize")
@@ -125,7 +128,7 @@ class Recipe:
                          "seed": calib.seed},
             source=source, device=device, versions=recorded_versions(), passes=passes or self.passes or 1,
             quantize=None if self.quantizer is None else {"bits": self.quantizer.bits, "group_size": self.quantizer.group_size,
-                                                          "symmetric": self.quantizer.symmetric},
+                                                          "symmetric": self.quantizer.symmetric, "clip": self.quantizer.clip},
             **self.allocation.record())
 
 

@@ -34,7 +34,7 @@ class RecipeRecord:
     device: str = "cpu"
     versions: dict = field(default_factory=dict)
     passes: int = 2  # reports from before the one-pass order ran two passes per layer
-    quantize: dict | None = None  # bits, group_size, symmetric of a quantized run
+    quantize: dict | None = None  # bits, group_size, symmetric, clip of a quantized run
 
     @property
     def parsed_pattern(self) -> Pattern:

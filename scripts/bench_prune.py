@@ -8,7 +8,7 @@ fraction F), plus suffixes: ``+dsnot`` (DSnoT refinement), ``+owl`` (OWL allocat
 on the attention linears only, as the paper's code does), ``+saliency`` (hybrid
 blocks by saliency instead of the error-driven default), ``+global`` (one global hybrid budget),
 ``+2pass`` (the papers' two passes per layer instead of one), ``+w4`` (4-bit weights, group 128;
-``METHOD@dense+w4`` prunes nothing: plain GPTQ), ``+asym`` (zero points), ``+gN`` (group size N). ``--baseline CHECKOUT`` runs each config
+``METHOD@dense+w4`` prunes nothing: plain GPTQ), ``+asym`` (zero points), ``+gN`` (group size N), ``+clip`` (searched grid ranges), ``+actorder`` (SparseGPT's columns by decreasing diag(H)). ``--baseline CHECKOUT`` runs each config
 also with another checkout's code (e.g. a git worktree of an earlier commit), right after ours.
 Example (the protocol):
 
@@ -36,7 +36,8 @@ DEFAULT_MODEL = shared_dir() / "models" / "smollm2-135m-instruct-q4_1"
 SUFFIXES = {"noshare": {"share_stats": False}, "dsnot": {"refine": "dsnot"}, "owl": {"allocation": "owl"},
             "dsnotattn": {"refine": "dsnot", "refine_options": {"skip": ("mlp",)}},
             "saliency": {"hybrid_select": "saliency"}, "global": {"hybrid_budget": "global"}, "2pass": {"passes": 2},
-            "w4": {"quantize": "w4"}, "asym": {"symmetric": False}}
+            "w4": {"quantize": "w4"}, "asym": {"symmetric": False}, "clip": {"clip": True},
+            "actorder": {"act_order": True}}
 
 
 def parse_config(config: str) -> dict:

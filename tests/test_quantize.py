@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from llmprune.errors import LLMPruneError
 from llmprune.patterns import NM, Unstructured
-from llmprune.pruners.quantizer import Quantized, Quantizer
+from llmprune.pruners.quantizer import CLIP_SHRINKS, Quantized, Quantizer
 from llmprune.pruners.sparsegpt import GPTQ, SparseGPT
 
 ROWS, COLUMNS, BLOCKSIZE = 16, 64, 16
@@ -79,13 +79,61 @@ def test_degenerate_groups_get_a_nonzero_scale() -> None:
         assert (values[1].abs() <= 2.0**-24).all()
 
 
+def clip_reference(quantizer: Quantizer, weights: torch.Tensor, kept: torch.Tensor) -> list[tuple[float, float]]:
+    """The searched grid row by row, from the formulas: every shrink's float16 grid and its Σ|ŵ − w|^2.4."""
+    result = []
+    for row, keep in zip(weights.double().tolist(), kept.tolist()):
+        fitted = [w for w, k in zip(row, keep) if k]
+        best = None
+        for shrink in (1.0, *CLIP_SHRINKS):
+            low, high = min(min(fitted), 0.0) * shrink, max(max(fitted), 0.0) * shrink
+            if quantizer.symmetric:
+                low, high = -max(-low, high), max(-low, high)
+            scale = (high - low) / quantizer.max_code or 1.0
+            stored = float(torch.tensor(scale).to(torch.float16))
+            if stored < scale:  # rounded up to the next float16
+                stored = float(torch.nextafter(torch.tensor(stored, dtype=torch.float16), torch.tensor(65504.0,
+                                                                                                   dtype=torch.float16)))
+            zero = 2 ** (quantizer.bits - 1) if quantizer.symmetric else min(max(round(-low / stored), 0), 15)
+            error = sum(abs((min(max(round(w / stored) + zero, 0), quantizer.max_code) - zero) * stored - w) ** 2.4
+                        for w in fitted)
+            if best is None or error < best[0]:
+                best = (error, stored, float(zero))
+        result.append(best[1:])
+    return result
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_search_matches_a_direct_search(symmetric) -> None:
+    generator = torch.Generator().manual_seed(3)
+    weights = torch.randn(12, 32, generator=generator)
+    weights[0, 5] = 4.0  # an outlier: clipping it buys a finer grid for the other weights
+    weights[1] = 0.25  # nothing to clip
+    kept = torch.rand(12, 32, generator=generator) > 0.3
+    kept[0, 5] = True
+    quantizer = Quantizer(4, -1, symmetric, clip=True)
+    scale, zero = quantizer.params(weights, kept)
+    assert list(zip(scale.float().tolist(), zero.float().tolist())) == clip_reference(quantizer, weights, kept)
+    plain = Quantizer(4, -1, symmetric).params(weights, kept)
+    assert (scale < plain[0]).any() and (scale <= plain[0]).all()  # ranges only shrink
+    for s, z, reference in ((scale, zero, True), (*plain, False)):
+        codes = quantizer.quantize(weights * kept, s[:, None], z[:, None])
+        values = Quantizer.dequantize(codes, s[:, None], z[:, None])
+        assert values[~kept].eq(0).all()  # pruned weights still read back as exactly 0
+        error = ((values - weights).abs().pow(2.4) * kept).sum(-1)
+        if reference:
+            searched = error
+    assert (searched <= error).all() and (searched < error).any()
+
+
 def test_options_are_validated_with_the_fix() -> None:
     assert Quantizer() == Quantizer(4, 128, True)
     assert Quantizer(group_size=-1).groups(100) == 1 and Quantizer(group_size=8).groups(100) == 13
     for bad, match in [({"group_size": 6}, "--group-size must be a positive multiple of 4 or -1.*got 6"),
                        ({"group_size": 0}, "--group-size"), ({"group_size": -2}, "--group-size"),
                        ({"bits": 1}, "--quantize takes 2 to 8 bits"), ({"bits": 9}, "--quantize"),
-                       ({"bits": 4.0}, "--quantize"), ({"symmetric": 1}, "--sym or --asym")]:
+                       ({"bits": 4.0}, "--quantize"), ({"symmetric": 1}, "--sym or --asym"),
+                       ({"clip": 1}, "clip")]:
         with pytest.raises(LLMPruneError, match=match):
             Quantizer(**bad)
     with pytest.raises(AttributeError):
@@ -106,10 +154,12 @@ class Reference:
 
 
 def reference_sweep(weight: torch.Tensor, hessian: torch.Tensor, quantizer: Quantizer | None,
-                    pattern=None, keep: torch.Tensor | None = None, reselect_every: int = BLOCKSIZE) -> Reference:
+                    pattern=None, keep: torch.Tensor | None = None, reselect_every: int = BLOCKSIZE,
+                    act_order: bool = False) -> Reference:
     """Column-by-column OBS in float64 with explicit inverses: no blocks, no lazy updates, no Cholesky.
 
-    Columns go in processing order (the dense ranges of a hybrid ``pattern`` last). With F the columns
+    Columns go in processing order (the dense ranges of a hybrid ``pattern`` last; with ``act_order``
+    the runs of m columns of an N:M pattern, or single columns, by decreasing sum of diag H). With F the columns
     not yet fixed and H_F⁻¹ = inv(H[F, F]), column j is set to q_j (0 if pruned, else its value on the
     grid of its group, or as it is without a quantizer) and the free columns move by
     −(w_j − q_j)/H_F⁻¹[0,0] · H_F⁻¹[0, :]. Masks: N:M at the first column of each group of m (scores
@@ -123,6 +173,11 @@ def reference_sweep(weight: torch.Tensor, hessian: torch.Tensor, quantizer: Quan
     if isinstance(pattern, NM) and pattern.dense:
         dense = pattern.dense_columns(columns)
         order = torch.cat([(~dense).nonzero().flatten(), dense.nonzero().flatten()])
+    if act_order:
+        width = pattern.m if isinstance(pattern, NM) else 1
+        energy = [float(hessian.diagonal()[g * width:(g + 1) * width].sum()) for g in range(columns // width)]
+        ranked = sorted(range(len(energy)), key=lambda g: (-energy[g], g))
+        order = torch.tensor([g * width + c for g in ranked for c in range(width)])
     sparse_width = columns - (int(pattern.dense_columns(columns).sum()) if isinstance(pattern, NM) else 0)
     h = hessian.double().clone()
     h.diagonal().add_(PERCDAMP * h.diagonal().mean())
@@ -188,7 +243,8 @@ def assert_matches_reference(result, expected: Reference) -> None:
     assert result.info["quant_loss"] == pytest.approx(expected.quant_loss, rel=1e-5)
 
 
-QUANTIZERS = [Quantizer(4, 8, True), Quantizer(4, 8, False), Quantizer(3, -1, True), Quantizer(4, -1, False)]
+QUANTIZERS = [Quantizer(4, 8, True), Quantizer(4, 8, False), Quantizer(3, -1, True), Quantizer(4, -1, False),
+              Quantizer(4, 8, False, clip=True)]
 
 
 @pytest.mark.parametrize("quantizer", QUANTIZERS, ids=str)
@@ -203,6 +259,29 @@ def test_joint_sweep_matches_float64_reference(pattern, quantizer) -> None:
     assert pattern.violations(result.weight) == 0
     alone = reference_sweep(weight, hessian, None, pattern).keep  # the mask pruning alone would pick ...
     assert not torch.equal(alone, expected.keep)  # ... is not the joint one: the rounding errors move the scores
+
+
+@pytest.mark.parametrize("quantizer", [None, Quantizer(4, 8, False), Quantizer(4, 8, False, clip=True)], ids=str)
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4), Unstructured(0.0)], ids=str)
+def test_act_order_sweep_matches_float64_reference(pattern, quantizer) -> None:
+    if quantizer is None and pattern == Unstructured(0.0):
+        pytest.skip("nothing to prune or round: every order gives the weight back")
+    _, weight, stats = problem(seed=4)
+    hessian = stats.hessian.clone()
+    sweep = SparseGPT(blocksize=BLOCKSIZE, hessian_dtype=torch.float64, act_order=True)
+    result = sweep.prune(weight, stats, pattern, quantizer)
+    expected = reference_sweep(weight, hessian, quantizer, pattern, act_order=True)
+    if quantizer is None:
+        assert torch.equal(result.weight != 0, expected.keep)
+        torch.testing.assert_close(result.weight, expected.weight, rtol=1e-9, atol=1e-12)
+        assert result.info["obs_loss"] == pytest.approx(expected.loss, rel=1e-5)
+    else:
+        assert_matches_reference(result, expected)
+    assert pattern.violations(result.weight) == 0
+    left_to_right = reference_sweep(weight, hessian, quantizer, pattern)
+    assert not torch.equal(expected.weight, left_to_right.weight)  # the order changes the result
+    with pytest.raises(LLMPruneError, match="act-order and the hybrid split"):
+        sweep.prune(weight, stats, HYBRID, quantizer)
 
 
 def wanda_like_mask(weight: torch.Tensor, inputs: torch.Tensor, pattern) -> torch.Tensor:

@@ -55,6 +55,12 @@ kept weights off their group's grid (clamped, the error compensated like any oth
 first and running GPTQ under the fixed mask afterwards is occasionally the better of the two.
 Kept weights that round to 0 are zeros too: the zeros of the result cover the mask, not equal it.
 
+``act_order`` processes the columns by decreasing diag(H) instead of left to right (GPTQ's option of
+that name; N:M groups move as units of m columns, so every group of m is still decided at once, on
+weights updated by all the columns before it). Quantization groups stay runs of dense columns, each
+grid fitted when the first of its columns comes, from its columns' current weights wherever they sit
+in the order. Not with the hybrid split, which has its own order.
+
 Hybrid split (an ``NM`` with ``dense`` ranges): the columns are reordered so the dense ones come
 last, with H permuted to match. The N:M columns are pruned first and the OBS updates carry their
 error into every column not yet processed, the whole dense region included: the dense weights are
@@ -146,6 +152,18 @@ class _Codes:
         return Quantized(codes, self.scales[rows], self.zeros[rows], self.quantizer)
 
 
+def activation_order(diagonal: torch.Tensor, width: int) -> torch.Tensor:
+    """GPTQ's "act-order": the input columns by decreasing diag(H) (the inputs with the most energy first,
+    while many columns remain to absorb their error), in runs of ``width`` (an N:M group's m columns stay
+    together and in order, ranked by their sum); ties keep the lower index first."""
+    columns = diagonal.numel()
+    if columns % width:
+        raise LLMPruneError(f"act-order moves groups of {width} columns; {columns} inputs are not a multiple")
+    energy = diagonal.reshape(-1, width).sum(-1)
+    groups = torch.sort(-energy, stable=True).indices
+    return (groups[:, None] * width + torch.arange(width, device=groups.device)).flatten()
+
+
 class GPTQ:
     """The OBS column sweep under a fixed mask: GPTQ quantization of dense or already-pruned weights."""
 
@@ -155,14 +173,17 @@ class GPTQ:
     max_damp_retries = 4  # damping ×10 per retry, so at most ×10⁴ the requested percdamp
 
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01,
-                 hessian_dtype: torch.dtype | str = torch.float32) -> None:
+                 hessian_dtype: torch.dtype | str = torch.float32, act_order: bool = False) -> None:
         if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
             raise LLMPruneError(f"{self.title} blocksize must be a positive integer (e.g. 128); got {blocksize!r}")
         if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 < percdamp < float("inf"):
             raise LLMPruneError(f"{self.title} percdamp must be a positive fraction of mean diag(H) (e.g. 0.01); "
                                 f"got {percdamp!r}")
+        if not isinstance(act_order, bool):
+            raise LLMPruneError(f"{self.title} act_order is True or False; got {act_order!r}")
         self.blocksize = blocksize
         self.percdamp = float(percdamp)
+        self.act_order = act_order
         self.hessian_dtype = float_dtype(hessian_dtype, f"{self.title} hessian_dtype")
         self._factors: weakref.WeakKeyDictionary[InputStats, dict[tuple, _Factor]] = weakref.WeakKeyDictionary()
 
@@ -194,10 +215,16 @@ class GPTQ:
         sizes = sizes or [rows]
         order, sparse_width = None, columns
         if isinstance(pattern, NM) and pattern.dense:
+            if self.act_order:
+                raise LLMPruneError("act-order and the hybrid split both reorder the columns; use one of them")
             dense = pattern.dense_columns(columns, weight.device)
             order = torch.cat([(~dense).nonzero().flatten(), dense.nonzero().flatten()])
             sparse_width = int((~dense).sum())
             weight, pattern = weight[:, order], NM(pattern.n, pattern.m)
+        elif self.act_order:
+            order = activation_order(stats.hessian.diagonal(), pattern.m if isinstance(pattern, NM) else 1)
+            weight = weight[:, order]
+            mask = None if mask is None else mask[:, order]
         factor, reused = self._factor(stats, weight.device, order)
         hinv = factor.hinv
         work = weight.to(torch.promote_types(weight.dtype, hinv.dtype), copy=True)

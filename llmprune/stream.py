@@ -20,8 +20,10 @@ Then, for each layer, in one of two orders (``passes``):
   (its output is never used).
 
 Statistics are one accumulator per distinct input tensor (q/k/v and gate/up share). Each linear's
-relative reconstruction error ‖(W₀−Ŵ)X‖/‖W₀X‖ is measured on the inputs it sees in the pruned
-forward (the first ``error_tokens`` tokens), and the layer's outputs feed the next layer.
+relative reconstruction error ‖(W₀−Ŵ)X‖/‖W₀X + b‖ is measured on the inputs it sees in the pruned
+forward: with an extra GEMM on the first ``error_tokens`` tokens, or, in the one-pass order for a
+bias-free linear whose Hessian was collected (SparseGPT, GPTQ), exactly over all tokens from that
+Hessian, which holds those very inputs. The layer's outputs feed the next layer.
 """
 from __future__ import annotations
 
@@ -287,6 +289,7 @@ class _LayerRun:
         self.info: dict[str, dict] = {}
         self.originals = ({n: p.weight.clone() for n, p in linears.items()} if settings.measure_error else {})
         self.sums = {name: [0.0, 0.0] for name in linears}
+        self.from_hessian: set[str] = set()  # linears whose sums came from their Hessian, not from hooks
         self.phases = {"stats": 0.0, "process": 0.0, "outputs": 0.0}
         self.local = threading.local()  # the batch the running thread computes
 
@@ -346,9 +349,28 @@ class _LayerRun:
         if self.settings.rewrites and distributed.active():
             for linear in linears.values():
                 distributed.broadcast_(linear.module.weight.data)
+        if self.settings.measure_error and self.settings.passes == 1 and self.settings.rewrites:
+            self._errors_from_hessian(names, stats)
         for name in names:
             self.stats.pop(name, None)
         self.phases["process"] += time.perf_counter() - started
+
+    def _errors_from_hessian(self, names: list[str], stats: dict[str, InputStats]) -> None:
+        """Each bias-free linear's error sums from the Hessian of its inputs: Σ‖Δx‖² over the tokens is
+        tr(Δ·ΣxxᵀΔᵀ) = count·tr(ΔHΔᵀ)/2 (H = 2·E[xxᵀ]), and ‖W₀x‖² likewise. In the one-pass order H
+        comes from exactly the inputs the pruned linear then reads, so this is the measured error over every
+        calibration token, for a product of the weight's size instead of an extra GEMM per token."""
+        for name in names:
+            linear, st = self.linears[name], stats.get(name)
+            if st is None or st.hessian is None or getattr(linear.module, "bias", None) is not None:
+                continue
+            hessian = st.hessian
+            original = self.originals[name].to(hessian)
+            delta = original - linear.weight.to(hessian)
+            scale = st.count / 2
+            self.sums[name] = [float(((delta @ hessian) * delta).sum()) * scale,
+                               float(((original @ hessian) * original).sum()) * scale]
+            self.from_hessian.add(name)
 
     def error_hook(self, name: str) -> Callable:
         """A forward hook adding ‖(W₀−Ŵ)x‖² and ‖W₀x + b‖² to ``name``'s sums while ``measuring()``."""
@@ -504,7 +526,7 @@ class _LayerRun:
                 self.prune(group)
                 for member in group:
                     module = self.linears[member].module
-                    if self.settings.measure_error:
+                    if self.settings.measure_error and member not in self.from_hessian:
                         handles.append(module.register_forward_hook(self.error_hook(member)))
                 released.update(group)
         finally:

@@ -126,10 +126,17 @@ class SparseLinear(nn.Module):
         return pack_24(self.sparse_weight, self.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        call = self.__dict__.get("_bound")
+        if call is None:  # bound at the first call and after every move (``_apply``)
+            call = self._bound = self.kernel_backend.bind(self.kernel, self.meta)
         if self.hybrid:
-            sparse = self.kernel_backend.linear(_columns(x, self.sparse_index), self.kernel, self.meta, self.bias)
-            return sparse + F.linear(_columns(x, self.dense_index), self.dense_weight)
-        return self.kernel_backend.linear(x, self.kernel, self.meta, self.bias)
+            return call(_columns(x, self.sparse_index), self.bias) + F.linear(_columns(x, self.dense_index),
+                                                                             self.dense_weight)
+        return call(x, self.bias)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_bound", None)  # it holds the tensors as they were
+        return super()._apply(fn, recurse)
 
     # state_dict holds the dense weight in the replaced module's layout, not the kernel's storage.
     def _save_to_state_dict(self, destination, prefix, keep_vars):

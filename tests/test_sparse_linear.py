@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from helpers import bits, random_24
+from helpers import bits, random_24, random_int24
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -88,3 +88,33 @@ def test_semi_structured_backend_on_cuda(dtype):
     assert torch.equal(sparse.state_dict()["weight"], weight)
     small = SparseLinear(random_24(8, 12, dtype=dtype).cuda(), backend="auto", name="tiny")
     assert small.backend == "dense" and "multiple" in small.fallback_reason
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["2:4", "2:4+int4"])
+def test_numba_bound_call_equals_the_generic_path_and_follows_the_tensors(quantized: bool) -> None:
+    """The numba backends bind their call once (numpy views, compiled kernels); whatever the fast path does
+    not take goes the generic way, and a replaced layout or a move rebinds."""
+    pytest.importorskip("numba")
+    from llmprune.kernels import numba24, numba24q4
+
+    weight = random_int24(64, 256, 128, seed=7) if quantized else random_24(64, 256, seed=7)
+    bias = torch.randn(64)
+    sparse = SparseLinear(weight, bias, backend="numba", name="proj")
+    assert sparse.backend == "numba"
+    kernel = numba24q4 if quantized else numba24
+    dense = sparse.weight.clone()
+    for rows in (1, 3, kernel.MAX_FUSED_ROWS, kernel.MAX_FUSED_ROWS + 1):  # the last one expands
+        x = torch.randn(rows, 256)
+        assert torch.equal(sparse(x), kernel.linear(x, sparse.kernel, sparse.meta, bias))
+        torch.testing.assert_close(sparse(x), x @ dense.T + bias, rtol=1e-5, atol=1e-5)
+    bound = sparse._bound
+    x = torch.randn(2, 256, requires_grad=True)
+    assert torch.equal(sparse(x), sparse(x.detach()))  # autograd input: the generic path
+    sparse.kernel.data = sparse.kernel.data.clone()  # the storage replaced: the bound views would be stale
+    assert torch.equal(sparse(x.detach()), kernel.linear(x.detach(), sparse.kernel, sparse.meta, bias))
+    sparse.to("cpu", torch.float32)
+    assert "_bound" not in sparse.__dict__
+    sparse(x.detach())
+    assert sparse._bound is not bound
+    with pytest.raises(LLMPruneError, match="float32"):
+        sparse(x.detach().double())

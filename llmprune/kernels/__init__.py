@@ -3,7 +3,8 @@
 Every kernel module has the same four functions: ``unavailable(weight)`` (why it cannot run this
 ``[out, in]`` 2:4 weight here, or None), ``to_layout(weight, name)`` → ``(values, meta)``, its own
 representation, built once at load time, ``linear(x, values, meta, bias)`` → ``x·Wᵀ + b`` and
-``from_layout(values, meta)`` → the dense weight. ``SparseLinear`` holds ``values``/``meta`` and a
+``from_layout(values, meta)`` → the dense weight; a module may add ``bind(values, meta)``, ``linear`` with
+what does not depend on ``x`` prepared once (the numba kernels do: decode calls are short). ``SparseLinear`` holds ``values``/``meta`` and a
 ``Backend``; ``choose_backend`` resolves ``auto`` and falls back to the exact dense path with a reason.
 A 2:4 weight with 4-bit codes (``packing.Int24``) has kernels of its own under the same names
 (``numba24q4``, ``triton24q4``: their ``to_layout``/``unavailable`` take the ``Int24``).
@@ -11,7 +12,9 @@ The kernel modules import their optional dependencies (numba, triton) only when 
 """
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +44,11 @@ class Backend:
     def weight(self, values: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def bind(self, values: torch.Tensor, meta: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor | None],
+                                                                              torch.Tensor]:
+        """``linear`` for these tensors as ``call(x, bias)``; a kernel may prepare what does not depend on ``x``."""
+        return lambda x, bias: self.linear(x, values, meta, bias)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -52,7 +60,7 @@ class KernelModule(Backend):
         self.name = name
         self._module_name = module
 
-    @property
+    @functools.cached_property
     def _module(self):
         return importlib.import_module(f"{__name__}.{self._module_name}")
 
@@ -67,6 +75,10 @@ class KernelModule(Backend):
 
     def weight(self, values, meta):
         return self._module.from_layout(values, meta)
+
+    def bind(self, values, meta):
+        module = self._module
+        return module.bind(values, meta) if hasattr(module, "bind") else super().bind(values, meta)
 
 
 class Dense(Backend):

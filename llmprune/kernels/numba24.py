@@ -213,23 +213,48 @@ def cpu_rows(x: torch.Tensor, weight: torch.Tensor, kernel: str) -> torch.Tensor
     return x.detach().reshape(-1, x.shape[-1])
 
 
-def fused(kernels, x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+def fused(kernels, x: torch.Tensor, rows: torch.Tensor, values: np.ndarray, meta: np.ndarray,
           bias: torch.Tensor | None) -> torch.Tensor:
-    """``rows`` (``x`` flattened) times the weight in ``(values, meta)``, transposed, plus ``bias``, with
-    ``kernels.split`` and ``kernels.gemm`` of a panel layout (``values`` ``[out/4, ...]``)."""
+    """``rows`` (``x`` flattened) times the weight in ``(values, meta)`` (numpy views), transposed, plus ``bias``,
+    with ``kernels.split`` and ``kernels.gemm`` of a panel layout (``values`` ``[out/4, ...]``)."""
     blocks = values.shape[0]
-    values_np, meta_np = values.numpy(), meta.numpy()
     try:  # the size check of split (the kernels read x without bounds checks)
-        xs = kernels.split(rows.contiguous().numpy(), values_np, meta_np)
+        xs = kernels.split(rows.contiguous().numpy(), values, meta)
     except ValueError as exc:
         raise LLMPruneError(f"x has {x.shape[-1]} input features: {exc}") from None
-    y = torch.empty(rows.shape[0], blocks * 4, dtype=torch.float32)
-    y_np = y.numpy()
-    parallel(kernels.gemm, blocks, (values_np.nbytes + meta_np.nbytes) * rows.shape[0], values_np, meta_np, xs,
-             y_np, np.empty_like(y_np))
+    y_np = np.empty((rows.shape[0], blocks * 4), dtype=np.float32)
+    parallel(kernels.gemm, blocks, (values.nbytes + meta.nbytes) * rows.shape[0], values, meta, xs, y_np,
+             np.empty_like(y_np))
+    y = torch.from_numpy(y_np)
     if bias is not None:
         y += bias
-    return y.reshape(*x.shape[:-1], blocks * 4)
+    return y.view(*x.shape[:-1], blocks * 4)
+
+
+class Bound:
+    """A layer's ``linear`` with what does not depend on ``x`` done once (the compiled kernels, numpy views of
+    the layout): ``SparseLinear`` binds it, and a decode step makes hundreds of these calls, each a few tens of
+    µs, where the generic path's checks, imports and conversions cost as much again (eval/RESULTS.md). Anything
+    the fast path does not take (another dtype or device, autograd, more rows than ``max_rows``, a layout
+    whose storage was replaced) goes to ``linear``, which checks it and says what is wrong."""
+
+    def __init__(self, kernels, linear, max_rows: int, values: torch.Tensor, meta: torch.Tensor) -> None:
+        self.kernels, self.linear, self.max_rows = kernels, linear, max_rows
+        self.values, self.meta = values, meta
+        self.pointers = (values.data_ptr(), meta.data_ptr())
+        self.arrays = (values.detach().numpy(), meta.detach().numpy()) if values.device.type == "cpu" else None
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (self.arrays is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad
+                or x.numel() > self.max_rows * x.shape[-1]
+                or (self.values.data_ptr(), self.meta.data_ptr()) != self.pointers):
+            return self.linear(x, self.values, self.meta, bias)
+        return fused(self.kernels, x, x.reshape(-1, x.shape[-1]), *self.arrays, bias)
+
+
+def bind(values: torch.Tensor, meta: torch.Tensor) -> Bound:
+    """``linear`` for this layout, prepared once (see ``Bound``)."""
+    return Bound(_compiled(), linear, MAX_FUSED_ROWS, values, meta)
 
 
 def _compiled():
@@ -254,4 +279,4 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     rows = cpu_rows(x, values, "numba 2:4 kernel")
     if rows.shape[0] > MAX_FUSED_ROWS:
         return F.linear(x, from_layout(values, meta), bias)  # F.linear checks the sizes
-    return fused(_compiled(), x, rows, values, meta, bias)
+    return fused(_compiled(), x, rows, values.numpy(), meta.numpy(), bias)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import LLMPruneError
 from ..packing import Int24
-from .numba24 import cpu_rows, fused, parallel
+from .numba24 import Bound, cpu_rows, fused, parallel
 
 MAX_FUSED_ROWS = 16  # rows of x run fused; from about 24 expanding does as well (eval/results/q4_kernels.md)
 CHUNK = 32  # groups of 4 inputs per chunk: two AVX-512 vectors of float32
@@ -153,4 +153,9 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     rows = cpu_rows(x, values, "numba 2:4+INT4 kernel")
     if rows.shape[0] > MAX_FUSED_ROWS:
         return F.linear(x, from_layout(values, meta), bias)  # F.linear checks the sizes
-    return fused(_compiled(), x, rows, values, meta, bias)
+    return fused(_compiled(), x, rows, values.numpy(), meta.numpy(), bias)
+
+
+def bind(values: torch.Tensor, meta: torch.Tensor) -> Bound:
+    """``linear`` for this layout, prepared once (see ``numba24.Bound``)."""
+    return Bound(_compiled(), linear, MAX_FUSED_ROWS, values, meta)

@@ -359,15 +359,19 @@ class _LayerRun:
         """Each bias-free linear's error sums from the Hessian of its inputs: Σ‖Δx‖² over the tokens is
         tr(Δ·ΣxxᵀΔᵀ) = count·tr(ΔHΔᵀ)/2 (H = 2·E[xxᵀ]), and ‖W₀x‖² likewise. In the one-pass order H
         comes from exactly the inputs the pruned linear then reads, so this is the measured error over every
-        calibration token, for a product of the weight's size instead of an extra GEMM per token."""
+        calibration token. It costs two [out, in]·[in, in] products against the hook's [tokens, in]·[in, out]
+        on ``error_tokens`` tokens, so it is used where in ≤ error_tokens / 2 (every linear of SmolLM2, all
+        but down_proj of Llama-2-7B). The sums are the whole run's on every rank (H is merged before
+        ``process``), so each rank adds its share of them to the final all-reduce."""
         for name in names:
             linear, st = self.linears[name], stats.get(name)
-            if st is None or st.hessian is None or getattr(linear.module, "bias", None) is not None:
+            if (st is None or st.hessian is None or 2 * linear.in_features > self.settings.error_tokens
+                    or getattr(linear.module, "bias", None) is not None):
                 continue
             hessian = st.hessian
             original = self.originals[name].to(hessian)
             delta = original - linear.weight.to(hessian)
-            scale = st.count / 2
+            scale = st.count / 2 / distributed.world()
             self.sums[name] = [float(((delta @ hessian) * delta).sum()) * scale,
                                float(((original @ hessian) * original).sum()) * scale]
             self.from_hessian.add(name)

@@ -13,6 +13,7 @@ from conftest import tiny_model, word_text, word_tokenizer
 from safetensors.torch import load_file
 
 from llmprune.stats import HESSIAN, MOMENTS, SQ_NORM, InputStats
+from llmprune.report import PruneReport
 
 NEEDS = frozenset({SQ_NORM, HESSIAN, MOMENTS})
 
@@ -91,6 +92,8 @@ def test_two_processes_prune_like_one(tmp_path, method, path) -> None:
             torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
         else:
             assert torch.equal(one[key], two[key]), key  # masks (bitmasks) and unchanged weights: identical
+    errors = [{layer.name: layer.rel_error for layer in PruneReport.read(outputs[n]).layers} for n in (1, 2)]
+    assert errors[0] == pytest.approx(errors[1], rel=1e-3)  # summed over the ranks (SparseGPT: from the Hessian)
 
 
 def test_a_rank_that_dies_ends_the_run_with_no_output(tmp_path) -> None:

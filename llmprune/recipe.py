@@ -77,6 +77,12 @@ class Recipe:
         and no pruning that is plain GPTQ."""
         if passes not in (None, 1, 2):
             raise LLMPruneError(f"--passes must be 1 (each GEMM once, sequential) or 2 (the papers' order); got {passes}")
+        gptq_options = {}
+        if method != "sparsegpt" and "act_order" in pruner_options:  # the GPTQ pass's option for other methods
+            if quantize is None:
+                raise LLMPruneError("--act-order orders the columns of SparseGPT's sweep or of the GPTQ pass of "
+                                    "--quantize; with another method it needs --quantize")
+            gptq_options["act_order"] = pruner_options.pop("act_order")
         pruner = make_pruner(method, **pruner_options)
         refine_options = dict(refine_options or {})
         if refine_options and not refine:
@@ -101,9 +107,9 @@ class Recipe:
                 raise LLMPruneError("--refine dsnot after SparseGPT's joint pruning and quantization would swap "
                                     "quantized weights for unquantized ones; refine Wanda or magnitude instead")
             if not isinstance(pruner, SparseGPT):
-                gptq = GPTQ()
+                gptq = GPTQ(**gptq_options)
         return cls(method, pruner, pattern, strategy, Calibration(calib, nsamples, seqlen, seed), refiner,
-                   dict(pruner_options), refine_options, passes, quantizer, gptq)
+                   {**pruner_options, **gptq_options}, refine_options, passes, quantizer, gptq)
 
     @property
     def needs(self) -> frozenset[str]:

@@ -400,3 +400,19 @@ def test_bad_arguments() -> None:
         GPTQ().quantize(random_weight(), None, Quantizer())
     with pytest.raises(LLMPruneError, match="GPTQ blocksize"):
         GPTQ(blocksize=0)
+    with pytest.raises(LLMPruneError, match="act_order is True or False"):
+        GPTQ(act_order="yes")
+
+
+def test_recipe_routes_clip_and_act_order() -> None:
+    from llmprune.recipe import Recipe
+
+    joint = Recipe.build("sparsegpt", "2:4", quantize="w4", clip=True, act_order=True)
+    assert joint.quantizer.clip and joint.pruner.act_order and joint.gptq is None
+    assert joint.record(None, "cpu").quantize["clip"] is True
+    then_gptq = Recipe.build("wanda", "2:4", quantize="w4", act_order=True)  # Wanda's mask, then an ordered GPTQ
+    assert then_gptq.gptq.act_order and then_gptq.pruner_options == {"act_order": True}
+    with pytest.raises(LLMPruneError, match="--clip .* needs --quantize"):
+        Recipe.build("sparsegpt", "2:4", clip=True)
+    with pytest.raises(LLMPruneError, match="--act-order .* needs --quantize"):
+        Recipe.build("wanda", "2:4", act_order=True)

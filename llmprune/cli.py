@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
     prune.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per lazy-update block (default 128)")
     prune.add_argument("--percdamp", type=float, default=None, help="SparseGPT: damping as a fraction of mean diag(H) (default 0.01)")
-    prune.add_argument("--act-order", dest="act_order", action="store_true", default=None,
-                       help="SparseGPT: process the input columns by decreasing diag(H), N:M groups as units "
-                            "(GPTQ's act-order; for --quantize above all)")
+    prune.add_argument("--act-order", dest="act_order", action=argparse.BooleanOptionalAction, default=None,
+                       help="SparseGPT and the GPTQ pass of --quantize: process the input columns by decreasing "
+                            "diag(H), N:M groups as units (GPTQ's act-order). Default: on with --quantize, off "
+                            "otherwise")
     prune.add_argument("--hessian-dtype", dest="hessian_dtype", default=None, choices=["float32", "float64"],
                        help="SparseGPT: accumulation and factorisation dtype (default float32)")
     prune.add_argument("--refine", default=None, choices=["dsnot"], help="refine every base mask with DSnoT prune-and-grow")

@@ -416,3 +416,7 @@ def test_recipe_routes_clip_and_act_order() -> None:
         Recipe.build("sparsegpt", "2:4", clip=True)
     with pytest.raises(LLMPruneError, match="--act-order .* needs --quantize"):
         Recipe.build("wanda", "2:4", act_order=True)
+    assert Recipe.build("sparsegpt", "2:4", quantize="w4").pruner.act_order  # the default when quantizing
+    assert Recipe.build("wanda", "2:4", quantize="w4").gptq.act_order
+    assert not Recipe.build("sparsegpt", "2:4", quantize="w4", act_order=False).pruner.act_order
+    assert not Recipe.build("sparsegpt", "2:4").pruner.act_order  # pruning alone keeps the paper's order

@@ -99,6 +99,8 @@ class Recipe:
             pattern = parse_pattern(pattern, sparsity, dense_fraction, hybrid_block)
         strategy = make_allocation(allocation, pattern, owl_lambda=owl_lambda, owl_m=owl_m,
                                    hybrid_select=hybrid_select, hybrid_budget=hybrid_budget)
+        if act_order and isinstance(pattern, Hybrid) and quantize is None:
+            raise LLMPruneError("--act-order and the hybrid split both reorder the columns; use one of them")
         quantizer = gptq = None
         if clip and quantize is None:
             raise LLMPruneError("--clip searches the range of the quantization grid; it needs --quantize (e.g. w4)")

@@ -420,3 +420,5 @@ def test_recipe_routes_clip_and_act_order() -> None:
     assert Recipe.build("wanda", "2:4", quantize="w4").gptq.act_order
     assert not Recipe.build("sparsegpt", "2:4", quantize="w4", act_order=False).pruner.act_order
     assert not Recipe.build("sparsegpt", "2:4").pruner.act_order  # pruning alone keeps the paper's order
+    with pytest.raises(LLMPruneError, match="--act-order and the hybrid split"):
+        Recipe.build("sparsegpt", "hybrid:2:4", dense_fraction=0.25, act_order=True)

@@ -4,8 +4,8 @@ Every kernel module has the same four functions: ``unavailable(weight)`` (why it
 ``[out, in]`` 2:4 weight here, or None), ``to_layout(weight, name)`` → ``(values, meta)``, its own
 representation, built once at load time, ``linear(x, values, meta, bias)`` → ``x·Wᵀ + b`` and
 ``from_layout(values, meta)`` → the dense weight; a module may add ``bind(values, meta)``, ``linear`` with
-what does not depend on ``x`` prepared once (the numba kernels do: decode calls are short). ``SparseLinear`` holds ``values``/``meta`` and a
-``Backend``; ``choose_backend`` resolves ``auto`` and falls back to the exact dense path with a reason.
+what does not depend on ``x`` prepared once (the numba kernels do: decode calls are short).
+``SparseLinear`` holds ``values``/``meta`` and a ``Backend``; ``choose_backend`` resolves ``auto`` and falls back to the exact dense path with a reason.
 A 2:4 weight with 4-bit codes (``packing.Int24``) has kernels of its own under the same names
 (``numba24q4``, ``triton24q4``: their ``to_layout``/``unavailable`` take the ``Int24``).
 The kernel modules import their optional dependencies (numba, triton) only when used.

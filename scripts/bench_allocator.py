@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""One-pass pruning time and peak RSS under glibc allocator settings, on a random SmolLM2-shaped model.
+"""One-pass pruning time and peak RSS under glibc allocator settings, on a random model of a preset's shapes.
 
-    python scripts/bench_allocator.py MODE [--layers 8] [--passes 1] [--method wanda]
+    python scripts/bench_allocator.py MODE [--preset smollm2|llama-1b|...] [--layers 8] [--passes 1] [--method wanda]
 
 MODE: ``default`` (glibc as it is), ``one-heap`` (what ``llmprune`` sets: ``M_ARENA_MAX`` 1),
 ``mmap`` (a fixed 1 MiB mmap threshold, what a1810a3 set), ``one-heap+N`` (one heap and a fixed N MiB
@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import llmprune
 import llmprune.stream as stream
+from synthetic_model import PRESETS
 from llmprune.resources import peak_rss_mb
 
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's malloc.h
@@ -38,6 +39,7 @@ def allocator(mode: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode")
+    parser.add_argument("--preset", default="smollm2", choices=sorted(PRESETS), help="shapes (scripts/synthetic_model.py)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--method", default="wanda")
@@ -46,8 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     stream.share_one_heap = allocator(args.mode)
     torch.set_num_threads(2)
-    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)
+    config = LlamaConfig(**{**PRESETS[args.preset], "num_hidden_layers": args.layers})
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     tokens = torch.randint(0, config.vocab_size, (args.nsamples, args.seqlen))
@@ -56,7 +57,7 @@ def main() -> None:
     llmprune.prune(model, method=args.method, pattern="2:4", calib_tokens=tokens, progress=False, device="cpu",
                    passes=args.passes)
     phases = llmprune.state(model).report.summary.phase_seconds
-    print(f"{args.mode} passes={args.passes} {time.perf_counter() - started:.1f} s "
+    print(f"{args.preset} {args.mode} passes={args.passes} {time.perf_counter() - started:.1f} s "
           f"{ {k: round(v, 1) for k, v in phases.items()} } rss_before_mb {before:.0f} peak_mb {peak_rss_mb():.0f}",
           flush=True)
 

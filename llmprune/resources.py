@@ -62,8 +62,9 @@ def share_one_heap() -> None:
     The one-pass order runs each calibration batch in a thread of its own; with one heap per thread,
     each kept its own freed activation-sized temporaries (SmolLM2-shaped, 8 layers, 64 × 512: peak
     2.34-2.48 GB against 1.85-1.94 GB with one heap). The threads take turns, so they never contend for
-    it. A fixed mmap threshold saves more memory (1.25 GB) but costs ~25% of the run in page faults on
-    this kind of machine (eval/RESULTS.md, "One-pass memory"). Process-wide, so set once, when pruning
+    it. A fixed mmap threshold saves more memory (1.25 GB) but cost ~25% of a SmolLM2-sized run in page
+    faults on this kind of machine, though not measurably at the 1B shape (eval/RESULTS.md, "One-pass
+    memory"). Process-wide, so set once, when pruning
     starts; nothing elsewhere than glibc."""
     global _SHARED_HEAP
     libc = _libc()

@@ -3,8 +3,9 @@
 Two kinds of reference, both made by ``LLMPRUNE_WRITE_GOLDEN=1 pytest tests/test_compat.py`` with the
 code of the commit that introduced them (0.1.0, before the codec/recipe redesign):
 
-- ``fixtures/golden_stories260k.json``: SHA-256 of ``model.safetensors`` and ``config.json``, and of
-  ``llmprune.json`` without timings and paths, for prunes of the real stories260K model with each
+- ``fixtures/golden_stories260k.json``: SHA-256 of ``model.safetensors``, of ``config.json`` without the
+  ``transformers_version`` that ``save_pretrained`` stamps (a new transformers release changes nothing
+  else there), and of ``llmprune.json`` without timings and paths, for prunes of the real stories260K model with each
   method, pattern family and storage format. The same prune today must give the same bytes.
 - ``fixtures/v0.1/*``: tiny checkpoints (random weights) written by that code, in each storage
   format (packed 2:4 with a tied ``Conv1D`` GPT-2, hybrid, sparse-bitmask). They must load, and the
@@ -64,7 +65,9 @@ def _stable(value):
 def checkpoint_digest(directory: Path) -> dict[str, str]:
     files = sorted(p.name for p in directory.glob("*.safetensors"))
     digest = {name: _sha((directory / name).read_bytes()) for name in files}
-    digest["config.json"] = _sha((directory / "config.json").read_bytes())
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("transformers_version", None)
+    digest["config.json"] = _sha(json.dumps(config, sort_keys=True).encode())
     report = json.loads((directory / "llmprune.json").read_text())
     digest["llmprune.json"] = _sha(json.dumps(_stable(report), sort_keys=True).encode())
     return digest

@@ -9,7 +9,8 @@ from helpers import COLUMNS, PERCDAMP, correlated_inputs, random_weight, referen
 from llmprune.state import state
 from llmprune.errors import LLMPruneError
 from llmprune.patterns import NM, Unstructured
-from llmprune.pruners import PRUNERS, make_pruner
+from llmprune.pruners import PRUNERS, make_pruner, sparsegpt
+from llmprune.pruners.quantizer import Quantizer
 from llmprune.pruners.sparsegpt import SparseGPT
 from llmprune.pruners.wanda import Wanda
 from llmprune.stats import HESSIAN, SQ_NORM, InputStats
@@ -186,3 +187,68 @@ def test_pipeline_end_to_end_on_tiny_llama() -> None:
     assert all(entry.facts["damping"] == PERCDAMP and entry.facts["damp_retries"] == 0 for entry in report.layers)
     assert sum(entry.facts["factor_reused"] for entry in report.layers) == 2 * 3  # k, v and up in both layers
     assert report.recipe.options == {"blocksize": 32}
+
+
+SWEEPS = {  # name: (pattern, quantizer, act_order, blocksize, hessian dtype, rows of the linears sharing the input)
+    "2:4 stacked": (NM(2, 4), None, False, 32, torch.float32, [40, 24]),
+    "4:8": (NM(4, 8), None, False, 16, torch.float32, [64]),
+    "unstructured 0.6": (Unstructured(0.6), None, False, 48, torch.float32, [64]),
+    "2:4 float64": (NM(2, 4), None, False, 16, torch.float64, [64]),
+    "2:4 + w4 g32 asym": (NM(2, 4), Quantizer(4, 32, False), False, 16, torch.float32, [33, 31]),
+    "2:4 + w4 act-order": (NM(2, 4), Quantizer(4, 16, True), True, 32, torch.float32, [64]),
+    "unstructured + w4 float64": (Unstructured(0.5), Quantizer(4, 24, False), True, 16, torch.float64, [64]),
+    "hybrid + w4": (NM(2, 4, ((12, 28),)), Quantizer(4, 8, False), False, 16, torch.float32, [64]),
+    "gptq + w4": (None, Quantizer(4, 16, False, clip=True), True, 32, torch.float32, [64]),
+}
+
+
+@pytest.mark.parametrize("name", list(SWEEPS))
+def test_compiled_column_loop_gives_the_torch_loops_bits(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU the column loop runs compiled (numba); the torch loop runs elsewhere (GPU, no numba). Both must
+    give the same weights, codes, grids and losses, bit for bit, in every mode of the sweep."""
+    pytest.importorskip("numba")
+    pattern, quantizer, act_order, blocksize, dtype, rows = SWEEPS[name]
+    inputs = correlated_inputs()
+    inputs[:, 5] = 0  # a dead input, zeroed for free
+    stats = stats_for(inputs, dtype)
+    weights = [random_weight(r, seed=s) for s, r in enumerate(rows)]
+    for weight in weights:
+        weight[:, :4] = 0  # decided before any update reaches them: four tied scores, the lower indices pruned
+    results = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(sparsegpt, "_numba_runs", lambda work, compiled=compiled: compiled)
+        pruner = SparseGPT(blocksize=blocksize, hessian_dtype=dtype, act_order=act_order)
+        if pattern is None:
+            results[compiled] = [pruner.quantize(weights[0], stats, quantizer)]
+        else:
+            results[compiled] = pruner.prune_many(weights, stats, pattern, quantizer)
+    for loop, compiled in zip(results[False], results[True]):
+        assert torch.equal(loop.weight, compiled.weight)
+        assert loop.info == compiled.info
+        if quantizer is not None:
+            for field in ("codes", "scales", "zeros"):
+                assert torch.equal(getattr(loop.quantized, field), getattr(compiled.quantized, field))
+        if pattern is not None:
+            assert pattern.violations(compiled.weight) == 0
+
+
+@pytest.mark.parametrize("pattern", [NM(2, 4), NM(1, 4), NM(3, 8)], ids=str)
+def test_compiled_n_m_selection_breaks_ties_and_ranks_nan_as_torch(pattern: NM) -> None:
+    """With H = I (no updates, d = 1) the sweep keeps each group's largest w²: many exact ties (small integers)
+    and NaN, where the mask must be torch's stable sort's (lower index pruned first, NaN ranked last). NaN only
+    in the last group: its error would spread NaN to the columns after it, as in the torch loop."""
+    pytest.importorskip("numba")
+    from llmprune.kernels.numba24 import parallel
+    from llmprune.pruners import _obs_numba
+
+    generator = torch.Generator().manual_seed(0)
+    block = torch.randint(-2, 3, (48, 32), generator=generator).float()
+    last = block[:, -pattern.m:]
+    last[torch.rand(last.shape, generator=generator) < 0.3] = float("nan")
+    expected = pattern.keep_mask(block.square())
+    keep, errors = torch.ones_like(block, dtype=torch.bool), torch.zeros_like(block)
+    empty = torch.empty(0, 0)
+    parallel(_obs_numba.sweep, 6, 1, block.numpy(), torch.eye(32).numpy(), torch.ones(32).numpy(), keep.numpy(),
+             errors.numpy(), empty.to(torch.uint8).numpy(), empty.numpy(), empty.numpy(), torch.zeros(1).numpy(),
+             0, 0, 32, pattern.n, pattern.m, 32, 0, False)
+    assert torch.equal(keep, expected)

@@ -11,7 +11,9 @@ grid), the columns not yet processed (F = j..in−1) absorb the error optimally:
 Row j of the upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) is [H_F⁻¹]_j,: / √[H_F⁻¹]_jj, so with
 d_j = U_jj every step reads one row of U:  err = (w_j − q_j)/d_j,  W[:, j+1:] −= err ⊗ U[j, j+1:].
 Columns go in blocks of ``blocksize``: updates inside the block are immediate, the rest of the
-matrix gets one matmul per block (``lazy batch update``; mathematically identical).
+matrix gets one matmul per block (``lazy batch update``; mathematically identical). Inside a block the
+loop runs compiled on CPU where numba is installed (``_obs_numba``: each row through the block's columns,
+rows shared among threads), giving the torch loop's results bit for bit; the torch loop runs elsewhere.
 
 What q_j is decides the method, in the same loop:
   * ``SparseGPT.prune``: q_j = w_j if kept else 0, the mask chosen on the way (below).
@@ -84,10 +86,12 @@ the rest is pruning), ``dead_inputs``, ``factor_reused``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import LLMPruneError
@@ -230,19 +234,20 @@ class GPTQ:
         work = weight.to(torch.promote_types(weight.dtype, hinv.dtype), copy=True)
         hinv = hinv.to(work.dtype)
         work[:, factor.dead] = 0.0  # inputs that are always 0: the weight does nothing, drop it for free
-        zero = torch.zeros((), dtype=work.dtype, device=work.device)
         bounds = torch.tensor([0] + sizes).cumsum(0).tolist()
         segments = [slice(a, b) for a, b in zip(bounds, bounds[1:])]  # the rows of each stacked linear
-        loss = torch.zeros(len(sizes), dtype=work.dtype, device=work.device)
-        quant_loss = torch.zeros(len(sizes), dtype=work.dtype, device=work.device)
-        keep_all = torch.ones_like(work, dtype=torch.bool) if mask is None else mask.clone()  # known so far
+        loss: list[list[torch.Tensor]] = [[] for _ in sizes]  # per linear, each column's loss in order
+        quant_loss: list[list[torch.Tensor]] = [[] for _ in sizes]
+        keep_all = (torch.ones_like(work, dtype=torch.bool) if mask is None  # known so far
+                    else mask.clone(memory_format=torch.contiguous_format))
         codes = None if quantizer is None else _Codes(
             quantizer, rows, torch.arange(columns, device=work.device) if order is None else order)
         if isinstance(pattern, Unstructured):
             budget = torch.full((rows, 1), pattern.pruned_per_row(columns), device=work.device)
+        columns_of = _numba_columns if _numba_runs(work) else _torch_columns
         for start in range(0, columns, self.blocksize):
             end = min(start + self.blocksize, columns)
-            block, block_hinv = work[:, start:end].clone(), hinv[start:end, start:end]
+            block, block_hinv = work[:, start:end].clone(), hinv[start:end, start:end].contiguous()
             d = block_hinv.diagonal()
             errors = torch.zeros_like(block)
             keep = keep_all[:, start:end]  # a view: masks chosen here are known to later grid fits
@@ -250,31 +255,28 @@ class GPTQ:
                 scores = work[:, start:].square() / hinv.diagonal()[start:].square()
                 keep[:] = _keep_in_block(scores, budget, end - start)
                 budget -= (~keep).sum(-1, keepdim=True)
-            with _one_thread():
-                for j in range(end - start):
-                    if isinstance(pattern, NM) and j % pattern.m == 0 and start + j < sparse_width:
-                        group = slice(j, j + pattern.m)
+            fits = [] if codes is None else sorted(p - start for p in codes.first if start <= p < end)
+            cuts = sorted({0, end - start, *fits})
+            for j0, j1 in zip(cuts, cuts[1:]):
+                if j0 in fits:  # a quantization group starts here: its grid from its weights as they are now
+                    if isinstance(pattern, NM) and j0 % pattern.m == 0 and start + j0 < sparse_width:
+                        group = slice(j0, j0 + pattern.m)  # the N:M group starting here is decided first (the
+                        # columns below decide it again, from the same weights, to the same mask)
                         keep[:, group] = pattern.keep_mask(block[:, group].square() / d[group].square())
-                    w = block[:, j]
-                    if codes is None:
-                        q = torch.where(keep[:, j], w, zero)
-                    else:
-                        quant_group = codes.first.get(start + j)
-                        if quant_group is not None:  # it starts here: its grid from its weights as they are now
-                            members = codes.members[quant_group]
-                            inside, later = members[members < end], members[members >= end]
-                            pending = errors @ hinv[start:end, later]  # this block's lazy update, not applied yet
-                            now = torch.cat([block[:, inside - start], work[:, later] - pending], 1)
-                            codes.fit(quant_group, now, keep_all[:, members])
-                        q = codes.round(start + j, w, keep[:, j])
-                    err = (w - q) / d[j]
-                    for s, rows_of in enumerate(segments):
-                        loss[s] += err[rows_of].square().sum() / 2
-                        if codes is not None:
-                            quant_loss[s] += torch.where(keep[rows_of, j], err[rows_of], zero).square().sum() / 2
-                    block[:, j + 1:] -= err[:, None] * block_hinv[j, j + 1:][None, :]
-                    block[:, j] = q
-                    errors[:, j] = err
+                    members = codes.members[codes.first[start + j0]]
+                    inside, later = members[members < end], members[members >= end]
+                    pending = errors @ hinv[start:end, later]  # this block's lazy update, not applied yet
+                    now = torch.cat([block[:, inside - start], work[:, later] - pending], 1)
+                    codes.fit(codes.first[start + j0], now, keep_all[:, members])
+                columns_of(block, block_hinv, d, keep_all, errors, codes, start, j0, j1,
+                           pattern if isinstance(pattern, NM) else None, sparse_width)
+            # each column's loss, summed over each linear's rows as the torch loop sums one column vector
+            by_column = errors.T.contiguous()
+            kept = None if codes is None else keep.T.contiguous()
+            for s, rows_of in enumerate(segments):
+                loss[s].append(by_column[:, rows_of].square().sum(1) / 2)
+                if codes is not None:
+                    quant_loss[s].append(torch.where(kept[:, rows_of], by_column[:, rows_of], 0.0).square().sum(1) / 2)
             work[:, start:end] = block
             work[:, end:] -= errors @ hinv[start:end, end:]
         if order is not None:
@@ -282,9 +284,9 @@ class GPTQ:
         results = []
         for s, rows_of in enumerate(segments):
             info = {"damping": float(f"{factor.damping:.3g}"), "damp_retries": factor.retries,
-                    "obs_loss": float(f"{float(loss[s]):.6g}")}
+                    "obs_loss": float(f"{_sum_in_order(loss[s]):.6g}")}
             if codes is not None:
-                info["quant_loss"] = float(f"{float(quant_loss[s]):.6g}")
+                info["quant_loss"] = float(f"{_sum_in_order(quant_loss[s]):.6g}")
             info |= {"dead_inputs": int(factor.dead.sum()), "factor_reused": reused or s > 0}
             if codes is not None:
                 quantized = codes.result(order, rows_of)
@@ -362,6 +364,72 @@ class SparseGPT(GPTQ):
             raise LLMPruneError(f"SparseGPT blocksize {self.blocksize} must be a multiple of M={pattern.m} for pattern "
                                 f"{pattern}; use --blocksize {max(pattern.m, self.blocksize // pattern.m * pattern.m)}")
         return self._sweep(stacked, stats, pattern, quantizer, None, [w.shape[0] for w in weights])
+
+
+def _torch_columns(block: torch.Tensor, block_hinv: torch.Tensor, d: torch.Tensor, keep_all: torch.Tensor,
+                   errors: torch.Tensor, codes: _Codes | None, start: int, j0: int, j1: int, pattern: NM | None,
+                   sparse_width: int) -> None:
+    """Columns ``j0 … j1 − 1`` of the block at dense position ``start``, in place (the module docstring's loop;
+    grids already fitted): on any device, and the reference of ``_obs_numba.sweep``."""
+    keep = keep_all[:, start:start + block.shape[1]]
+    zero = torch.zeros((), dtype=block.dtype, device=block.device)
+    with _one_thread():
+        for j in range(j0, j1):
+            if pattern is not None and j % pattern.m == 0 and start + j < sparse_width:
+                group = slice(j, j + pattern.m)
+                keep[:, group] = pattern.keep_mask(block[:, group].square() / d[group].square())
+            w = block[:, j]
+            q = torch.where(keep[:, j], w, zero) if codes is None else codes.round(start + j, w, keep[:, j])
+            err = (w - q) / d[j]
+            block[:, j + 1:] -= err[:, None] * block_hinv[j, j + 1:][None, :]
+            block[:, j] = q
+            errors[:, j] = err
+
+
+def _numba_columns(block: torch.Tensor, block_hinv: torch.Tensor, d: torch.Tensor, keep_all: torch.Tensor,
+                   errors: torch.Tensor, codes: _Codes | None, start: int, j0: int, j1: int, pattern: NM | None,
+                   sparse_width: int) -> None:
+    """``_torch_columns`` compiled (``_obs_numba``): the same results, bit for bit, on CPU."""
+    from ..kernels.numba24 import parallel
+    from . import _obs_numba
+
+    dtype = block.numpy().dtype
+    if codes is None:
+        grids = (np.empty((0, 0), np.uint8), np.empty((0, 0), dtype), np.empty((0, 0), dtype), 0)
+    else:
+        groups = torch.tensor(codes.group[start + j0:start + j1], dtype=torch.long)
+        grids = (codes.codes.numpy(), codes.scales[:, groups].to(block.dtype).numpy(),
+                 codes.zeros[:, groups].to(block.dtype).numpy(), codes.quantizer.max_code)
+    n, m = (pattern.n, pattern.m) if pattern is not None else (0, 0)
+    rows, width = block.shape
+    claims = -(-rows // _obs_numba.ROWS_PER_CLAIM_BLOCK)
+    parallel(_obs_numba.sweep, claims, rows * (j1 - j0) * width * block.element_size(), block.numpy(),
+             block_hinv.numpy(), d.contiguous().numpy(), keep_all.numpy(), errors.numpy(), grids[0], grids[1],
+             grids[2], np.zeros(1, dtype), start, j0, j1, n, m, sparse_width, grids[3], codes is not None)
+
+
+@functools.cache
+def _numba_installed() -> bool:
+    try:
+        from . import _obs_numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _numba_runs(work: torch.Tensor) -> bool:
+    """Whether the compiled column loop takes this sweep: numba installed, the work on CPU in float32/64."""
+    return work.device.type == "cpu" and work.dtype in (torch.float32, torch.float64) and _numba_installed()
+
+
+def _sum_in_order(terms: list[torch.Tensor]) -> float:
+    """The sum of the blocks' column losses left to right in their dtype, as a loop adding one column at a time
+    would (one transfer at the end: no device sync per block)."""
+    values = torch.cat(terms).cpu().numpy()
+    total = values.dtype.type(0)
+    for term in values:
+        total = total + term
+    return float(total)
 
 
 def _keep_in_block(scores: torch.Tensor, budget: torch.Tensor, width: int) -> torch.Tensor:

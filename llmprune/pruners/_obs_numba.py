@@ -42,14 +42,22 @@ def _rows(operands, first, last, block):
         for j in range(j0, j1):
             column = offset + j
             if m > 0 and j % m == 0 and column < decided:  # an N:M group starts: its mask from the OBS scores
+                finite = True
                 for i in range(m):
                     value, diagonal = block[r, j + i], d[j + i]
                     scores[i] = (value * value) / (diagonal * diagonal)
-                for i in range(m):
+                    finite &= scores[i] == scores[i]
+                for i in range(m):  # rank = how many scores sort before this one; the m − n lowest are pruned
                     rank = 0
-                    for k in range(m):
-                        if k != i and _before(scores[k], k, scores[i], i):
-                            rank += 1
+                    if finite:  # the common case, without branches: ties go to the lower index
+                        for k in range(i):
+                            rank += scores[k] <= scores[i]
+                        for k in range(i + 1, m):
+                            rank += scores[k] < scores[i]
+                    else:
+                        for k in range(m):
+                            if k != i and _before(scores[k], k, scores[i], i):
+                                rank += 1
                     keep[r, column + i] = rank >= m - n
             w = block[r, j]
             if quantize:

@@ -360,12 +360,14 @@ class _LayerRun:
         tr(Δ·ΣxxᵀΔᵀ) = count·tr(ΔHΔᵀ)/2 (H = 2·E[xxᵀ]), and ‖W₀x‖² likewise. In the one-pass order H
         comes from exactly the inputs the pruned linear then reads, so this is the measured error over every
         calibration token. It costs two [out, in]·[in, in] products against the hook's [tokens, in]·[in, out]
-        on ``error_tokens`` tokens, so it is used where in ≤ error_tokens / 2 (every linear of SmolLM2, all
-        but down_proj of Llama-2-7B). The sums are the whole run's on every rank (H is merged before
-        ``process``), so each rank adds its share of them to the final all-reduce."""
+        on about ``error_tokens`` tokens (all of them in a shorter calibration set), so it is used where
+        in ≤ min(error_tokens, tokens) / 2 (at the default 8,192: every linear of SmolLM2, all but down_proj of
+        Llama-2-7B). The token count is the merged Hessian's, so every rank makes the same choice. The sums
+        are the whole run's on every rank (H is merged before ``process``), so each rank adds its share of
+        them to the final all-reduce."""
         for name in names:
             linear, st = self.linears[name], stats.get(name)
-            if (st is None or st.hessian is None or 2 * linear.in_features > self.settings.error_tokens
+            if (st is None or st.hessian is None or 2 * linear.in_features > min(self.settings.error_tokens, st.count)
                     or getattr(linear.module, "bias", None) is not None):
                 continue
             hessian = st.hessian

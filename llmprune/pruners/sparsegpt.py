@@ -258,11 +258,10 @@ class GPTQ:
             fits = [] if codes is None else sorted(p - start for p in codes.first if start <= p < end)
             cuts = sorted({0, end - start, *fits})
             for j0, j1 in zip(cuts, cuts[1:]):
-                if j0 in fits:  # a quantization group starts here: its grid from its weights as they are now
-                    if isinstance(pattern, NM) and j0 % pattern.m == 0 and start + j0 < sparse_width:
-                        group = slice(j0, j0 + pattern.m)  # the N:M group starting here is decided first (the
-                        # columns below decide it again, from the same weights, to the same mask)
-                        keep[:, group] = pattern.keep_mask(block[:, group].square() / d[group].square())
+                if j0 in fits:  # a quantization group starts here: its grid from its weights as they are now,
+                    # knowing the mask of an N:M group that starts here too (the columns below decide it again,
+                    # from the same weights, to the same mask)
+                    _decide_group(pattern if isinstance(pattern, NM) else None, keep, block, d, j0, start, sparse_width)
                     members = codes.members[codes.first[start + j0]]
                     inside, later = members[members < end], members[members >= end]
                     pending = errors @ hinv[start:end, later]  # this block's lazy update, not applied yet
@@ -375,15 +374,22 @@ def _torch_columns(block: torch.Tensor, block_hinv: torch.Tensor, d: torch.Tenso
     zero = torch.zeros((), dtype=block.dtype, device=block.device)
     with _one_thread():
         for j in range(j0, j1):
-            if pattern is not None and j % pattern.m == 0 and start + j < sparse_width:
-                group = slice(j, j + pattern.m)
-                keep[:, group] = pattern.keep_mask(block[:, group].square() / d[group].square())
+            _decide_group(pattern, keep, block, d, j, start, sparse_width)
             w = block[:, j]
             q = torch.where(keep[:, j], w, zero) if codes is None else codes.round(start + j, w, keep[:, j])
             err = (w - q) / d[j]
             block[:, j + 1:] -= err[:, None] * block_hinv[j, j + 1:][None, :]
             block[:, j] = q
             errors[:, j] = err
+
+
+def _decide_group(pattern: NM | None, keep: torch.Tensor, block: torch.Tensor, d: torch.Tensor, j: int, start: int,
+                  sparse_width: int) -> None:
+    """If an N:M group starts at block column ``j`` (dense position ``start + j``, in the N:M region), choose its
+    mask from the OBS scores w²/d² of the block's current weights (``_obs_numba._rows`` does the same)."""
+    if pattern is not None and j % pattern.m == 0 and start + j < sparse_width:
+        group = slice(j, j + pattern.m)
+        keep[:, group] = pattern.keep_mask(block[:, group].square() / d[group].square())
 
 
 def _numba_columns(block: torch.Tensor, block_hinv: torch.Tensor, d: torch.Tensor, keep_all: torch.Tensor,

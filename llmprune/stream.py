@@ -22,8 +22,10 @@ Then, for each layer, in one of two orders (``passes``):
 Statistics are one accumulator per distinct input tensor (q/k/v and gate/up share). Each linear's
 relative reconstruction error ‖(W₀−Ŵ)X‖/‖W₀X + b‖ is measured on the inputs it sees in the pruned
 forward: with an extra GEMM on the first ``error_tokens`` tokens, or, in the one-pass order for a
-bias-free linear whose Hessian was collected (SparseGPT, GPTQ), exactly over all tokens from that
-Hessian, which holds those very inputs. The layer's outputs feed the next layer.
+bias-free linear, from the Gram matrix of those very inputs: the Hessian where it was collected
+(SparseGPT, GPTQ; exact over all tokens), or one accumulated on the same first tokens where that is
+cheaper than the GEMMs it replaces (``gram_pays``: Wanda's q/k/v and gate/up on SmolLM2). The
+layer's outputs feed the next layer.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ from .resources import share_one_heap, return_freed_memory
 from . import distributed
 from .adapter import ModelAdapter, Prunable
 from .device import resolve_device, to_device
-from .stats import InputStats
+from .stats import HESSIAN, InputStats, hessian_blocks
 
 
 @dataclass
@@ -233,6 +235,14 @@ def _relative(name: str, prefix: str) -> str:
     return name[len(prefix):]
 
 
+def gram_pays(in_features: int, outs: list[int], tokens: int) -> bool:
+    """Whether the errors of linears reading one input (``outs``: their output features) cost less from that
+    input's Gram matrix on ``tokens`` tokens (its accumulation, as ``InputStats`` does it, plus two
+    [out, in]·[in, in] products per linear) than from the error hooks' [tokens, in]·[in, out] GEMMs."""
+    gram = sum((end - start) * (in_features - start) for start, end in hessian_blocks(in_features))
+    return tokens * gram + 2 * in_features * in_features * sum(outs) < tokens * in_features * sum(outs)
+
+
 def _run_layer(layer: nn.Module, states: torch.Tensor, inputs: LayerInputs, device: torch.device) -> torch.Tensor:
     out = layer(states.to(device), *to_device(inputs.args, device), **to_device(inputs.kwargs, device))
     return out[0] if isinstance(out, tuple) else out
@@ -289,7 +299,8 @@ class _LayerRun:
         self.info: dict[str, dict] = {}
         self.originals = ({n: p.weight.clone() for n, p in linears.items()} if settings.measure_error else {})
         self.sums = {name: [0.0, 0.0] for name in linears}
-        self.from_hessian: set[str] = set()  # linears whose sums came from their Hessian, not from hooks
+        self.from_hessian: set[str] = set()  # linears whose sums came from a Gram matrix, not from hooks
+        self.grams: dict[str, InputStats] = {}  # name → the Gram of its input on the measured batches (one pass)
         self.phases = {"stats": 0.0, "process": 0.0, "outputs": 0.0}
         self.local = threading.local()  # the batch the running thread computes
 
@@ -318,11 +329,29 @@ class _LayerRun:
             for member in group:
                 self.stats[member] = stats
                 self.owner[member] = name
+            self._plan_gram(group, x.device)
         elif settings.share_stats and key in seen and seen[key][1] is self.stats[name]:
             return
         self.stats[name].update(x)
+        if name in self.grams and self.batch_starts[self.local.batch] < settings.error_tokens:
+            self.grams[name].update(x)
         seen.clear()
         seen[key] = (x, self.stats[name], self.owner[name])
+
+    def _plan_gram(self, group: list[str], device: torch.device) -> None:
+        """In the one-pass order, give the bias-free linears of ``group`` (which read one input) a Gram
+        matrix of that input on the batches the error hooks would measure, where ``gram_pays``; the first
+        layer, whose groups are still being learned, keeps the hooks."""
+        settings = self.settings
+        if (not (settings.measure_error and settings.passes == 1 and settings.rewrites) or self.learning
+                or HESSIAN in settings.needs):
+            return
+        members = [m for m in group if getattr(self.linears[m].module, "bias", None) is None]
+        tokens = min((s for s in self.batch_starts if s >= settings.error_tokens), default=self.batch_starts[-1])
+        if members and gram_pays(self.linears[members[0]].in_features, [self.linears[m].out_features for m in members],
+                                 tokens):
+            gram = InputStats(self.linears[members[0]].in_features, frozenset({HESSIAN}), device=device)
+            self.grams.update(dict.fromkeys(members, gram))
 
     def learn(self) -> None:
         """After the first layer: its linears in running order, grouped by shared statistics."""
@@ -356,24 +385,31 @@ class _LayerRun:
         self.phases["process"] += time.perf_counter() - started
 
     def _errors_from_hessian(self, names: list[str], stats: dict[str, InputStats]) -> None:
-        """Each bias-free linear's error sums from the Hessian of its inputs: Σ‖Δx‖² over the tokens is
-        tr(Δ·ΣxxᵀΔᵀ) = count·tr(ΔHΔᵀ)/2 (H = 2·E[xxᵀ]), and ‖W₀x‖² likewise. In the one-pass order H
-        comes from exactly the inputs the pruned linear then reads, so this is the measured error over every
-        calibration token. It costs two [out, in]·[in, in] products against the hook's [tokens, in]·[in, out]
-        on about ``error_tokens`` tokens (all of them in a shorter calibration set), so it is used where
-        in ≤ min(error_tokens, tokens) / 2 (at the default 8,192: every linear of SmolLM2, all but down_proj of
-        Llama-2-7B). The token count is the merged Hessian's, so every rank makes the same choice. The sums
-        are the whole run's on every rank (H is merged before ``process``), so each rank adds its share of
-        them to the final all-reduce."""
+        """Each bias-free linear's error sums from a Gram matrix of its inputs: Σ‖Δx‖² over the tokens is
+        tr(Δ·ΣxxᵀΔᵀ) = count·tr(ΔHΔᵀ)/2 (H = 2·E[xxᵀ]), and ‖W₀x‖² likewise. In the one-pass order H comes
+        from exactly the inputs the pruned linear then reads.
+        - The statistics' Hessian (SparseGPT, GPTQ) covers every calibration token, so the error is measured
+          over all of them. It costs two [out, in]·[in, in] products against the hook's [tokens, in]·[in, out]
+          on about ``error_tokens`` tokens (all of them in a shorter calibration set), so it is used where
+          in ≤ min(error_tokens, tokens) / 2 (at the default 8,192: every linear of SmolLM2, all but down_proj
+          of Llama-2-7B). The token count is the merged Hessian's, so every rank makes the same choice; the
+          sums are the whole run's on every rank (H is merged before ``process``), so each rank adds its
+          share of them to the final all-reduce.
+        - Otherwise a Gram planned by ``_plan_gram`` covers this rank's measured batches, the hooks' tokens."""
         for name in names:
             linear, st = self.linears[name], stats.get(name)
-            if (st is None or st.hessian is None or 2 * linear.in_features > min(self.settings.error_tokens, st.count)
-                    or getattr(linear.module, "bias", None) is not None):
+            if getattr(linear.module, "bias", None) is not None:
                 continue
-            hessian = st.hessian
+            if (st is not None and st.hessian is not None
+                    and 2 * linear.in_features <= min(self.settings.error_tokens, st.count)):
+                hessian, scale = st.hessian, st.count / 2 / distributed.world()
+            elif name in self.grams:
+                gram = self.grams.pop(name)
+                hessian, scale = gram.hessian, gram.count / 2
+            else:
+                continue
             original = self.originals[name].to(hessian)
             delta = original - linear.weight.to(hessian)
-            scale = st.count / 2 / distributed.world()
             self.sums[name] = [float(((delta @ hessian) * delta).sum()) * scale,
                                float(((original @ hessian) * original).sum()) * scale]
             self.from_hessian.add(name)

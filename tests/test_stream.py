@@ -1,6 +1,8 @@
 """Streaming: captured per-layer inputs reproduce the model's own forward, for every family."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import TINY_CONFIGS, VOCAB, tiny_model
@@ -11,7 +13,8 @@ from llmprune.adapter import ModelAdapter
 from llmprune.pipeline import prune
 from llmprune.patterns import NM
 from llmprune.stats import HESSIAN, MOMENTS, SQ_NORM, InputStats
-from llmprune.stream import layerwise
+from llmprune import stream
+from llmprune.stream import gram_pays, layerwise
 
 
 def layer_outputs(adapter: ModelAdapter, run, count: int) -> list[torch.Tensor]:
@@ -208,18 +211,34 @@ def test_routers_are_not_pruned() -> None:
     assert "model.layers.0.mlp.gate_proj" in adapter.linears(0)
 
 
-@pytest.mark.parametrize("method,passes", [("sparsegpt", 1), ("wanda", 1), ("sparsegpt", 2)])
-def test_reported_errors_equal_a_direct_measurement(method: str, passes: int) -> None:
-    """‖(W₀−Ŵ)x‖/‖W₀x‖ over the inputs each linear of layer 0 reads in the pruned model, against the report:
+def _errors_from_grams(monkeypatch) -> list[set[str]]:
+    """Filled, layer by layer, with the names of the linears whose errors came from a Gram matrix."""
+    grams: list[set[str]] = []
+    report = stream._LayerRun.report
+    monkeypatch.setattr(stream._LayerRun, "report", lambda run, seconds: grams.append(set(run.from_hessian))
+                        or report(run, seconds))
+    return grams
+
+
+@pytest.mark.parametrize("method,passes,samples,layer", [("sparsegpt", 1, 6, 0), ("wanda", 1, 6, 0), ("sparsegpt", 2, 6, 0),
+                                                          ("wanda", 1, 12, 1)])
+def test_reported_errors_equal_a_direct_measurement(method: str, passes: int, samples: int, layer: int,
+                                                    monkeypatch) -> None:
+    """‖(W₀−Ŵ)x‖/‖W₀x‖ over the inputs each linear of a layer reads in the pruned model, against the report:
     one-pass SparseGPT computes it from the Hessian where that is cheaper (here all but down_proj, whose 64
-    inputs are more than half the 96 calibration tokens), the others from hooks on the forward."""
+    inputs are more than half the 96 calibration tokens), one-pass Wanda from a Gram of the input where that
+    pays (at 192 tokens: q/k/v and gate/up of the layers after the first), the others from hooks on the forward."""
+    grams = _errors_from_grams(monkeypatch)
     model, original = tiny_model("llama"), tiny_model("llama")
-    tokens = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, VOCAB, (samples, 16), generator=torch.Generator().manual_seed(1))
     prune(model, method=method, pattern="2:4", calib_tokens=tokens, device="cpu", progress=False, passes=passes,
           batch_size=4)
     reported = {layer.name: layer.rel_error for layer in state(model).report.layers}
+    prefix = ModelAdapter(model).layers_name + f".{layer}."
+    expected = {("sparsegpt", 1): {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"},
+                ("wanda", 1): {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} if layer else set()}
+    assert {name.rsplit(".", 1)[1] for name in grams[layer]} == expected.get((method, passes), set())
     inputs: dict[str, list[torch.Tensor]] = {}
-    prefix = ModelAdapter(model).layers_name + ".0."
     handles = [module.register_forward_pre_hook(lambda m, a, n=name: inputs.setdefault(n, []).append(a[0]))
                for name, module in model.named_modules() if name.startswith(prefix) and isinstance(module, torch.nn.Linear)]
     with torch.no_grad():
@@ -233,3 +252,29 @@ def test_reported_errors_equal_a_direct_measurement(method: str, passes: int) ->
         after = model.get_submodule(name).weight.detach().double()
         direct = float((x @ (before - after).T).norm() / (x @ before.T).norm())
         assert reported[name] == pytest.approx(direct, rel=2e-4), name
+
+
+def test_gram_pays_where_it_saves_gemm_work() -> None:
+    """At the default 8,192 measured tokens: SmolLM2's q/k/v (576 → 576 + 2·192) and gate/up (576 → 2·1536),
+    not its o_proj (a Gram as costly as the one GEMM it replaces) nor down_proj; none of Llama-2-7B's."""
+    assert gram_pays(576, [576, 192, 192], 8192) and gram_pays(576, [1536, 1536], 8192)
+    assert not gram_pays(576, [576], 8192) and not gram_pays(1536, [576], 8192)
+    assert not any(gram_pays(4096, outs, 8192) for outs in ([4096] * 3, [4096], [11008] * 2)) and not gram_pays(
+        11008, [4096], 8192)
+    assert not gram_pays(576, [576, 192, 192], 256)  # few tokens: the hooks' GEMMs are cheap
+
+
+def test_gram_errors_cover_the_tokens_the_hooks_measure(monkeypatch) -> None:
+    """With ``error_tokens`` below the calibration set, the Gram holds exactly the batches the hooks would
+    measure: the same reported errors either way."""
+    tokens = torch.randint(0, VOCAB, (16, 16), generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(stream, "layerwise", functools.partial(layerwise, error_tokens=100))  # batches 0 and 1 of 4
+    errors, grams = [], []
+    for pays in (gram_pays, lambda *args: False):
+        monkeypatch.setattr(stream, "gram_pays", pays)
+        grams.append(_errors_from_grams(monkeypatch))
+        model = tiny_model("llama")
+        prune(model, method="wanda", pattern="2:4", calib_tokens=tokens, device="cpu", progress=False, batch_size=4)
+        errors.append({layer.name: layer.rel_error for layer in state(model).report.layers})
+    assert errors[0] == pytest.approx(errors[1], rel=1e-5)
+    assert grams[0][1] == {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"} and not any(grams[1])

@@ -191,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="speed of 2:4 sparse against dense: GEMMs on the model's shapes, and decode",
                                 description="(a) y = x·Wᵀ on each linear shape of the model for several M, dense F.linear "
                                             "against each sparse backend; (b) prefill time and greedy decode tokens/s of "
-                                            "the dense and the sparse model on the same prompts. A packed checkpoint is "
-                                            "compared with itself on the dense backend; a dense model with a 2:4 "
+                                            "the dense and the sparse model on the same prompts, and of the sparse model "
+                                            "with its 2:4 linears taking no time (the end-to-end ceiling). A packed "
+                                            "checkpoint is compared with itself on the dense backend; a dense model with a 2:4 "
                                             "(magnitude) copy of itself.")
     bench.add_argument("model", help="packed checkpoint directory, or a dense model (local dir, .gguf, Hub id)")
     bench.add_argument("--backend", default="auto", choices=BACKENDS,
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--weight-pool-mb", type=int, default=None,
                        help="GEMM weights rotate through copies of at least this many MiB, so that they stream from "
                             "memory as in decode (default 256; 0 times one weight, hot in cache)")
+    bench.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                       help="skip the decode run with the 2:4 linears taking no time (the most 2:4 can gain end to end)")
     bench.add_argument("--quick", action="store_true", help="small run for a smoke test: M 1,16, batch 1, 16+8 tokens")
     bench.add_argument("--json", default=None, help="write the results here")
     bench.add_argument("--plot", default=None, help="PNG of GEMM speedup against M (default: next to --json)")
@@ -362,8 +365,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .adapter import ModelAdapter
     from .checkpoint import is_packed_checkpoint
     from .device import resolve_device
-    from .eval.speed import POOL_BYTES, QUICK_MS, decode_benchmark, decode_table, gemm_benchmark, gemm_table, \
-        plot_speedups, sparse_copy
+    from .eval.speed import FREE, POOL_BYTES, QUICK_MS, decode_benchmark, decode_table, free_copy, gemm_benchmark, \
+        gemm_table, plot_speedups, sparse_copy
     from .kernels import sparse_backends
     from .loading import load
     from .sparse_linear import SparseLinear
@@ -395,8 +398,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     gemm = gemm_benchmark(shapes, tuple(ms), backends, dtype, device, repeats=repeats, pool_bytes=pool_mb << 20,
                           progress=not args.quiet)
     print(gemm_table(gemm))
-    decode = decode_benchmark({"dense": dense, "sparse": sparse}, batch_sizes, prompt_len, new_tokens, device,
-                              progress=not args.quiet)
+    models = {"dense": dense, "sparse": sparse, **({FREE: free_copy(sparse)} if args.ceiling else {})}
+    decode = decode_benchmark(models, batch_sizes, prompt_len, new_tokens, device, progress=not args.quiet)
     print(decode_table(decode))
     if args.json:
         record = {"model": args.model, "device": str(device), "dtype": str(dtype), "torch": torch.__version__,

@@ -7,10 +7,12 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_model
 from helpers import prune_args, run_cli
 
-from llmprune.eval.speed import byte_ceiling, median_seconds, random_24
+from llmprune.eval.speed import FREE, byte_ceiling, free_copy, median_seconds, random_24, sparse_copy
 from llmprune.patterns import NM
+from llmprune.sparse_linear import SparseLinear
 
 
 def test_byte_ceiling_and_helpers() -> None:
@@ -52,10 +54,27 @@ def test_bench_quick_on_a_tiny_model(capsys, tiny_checkpoint, calib_file, tmp_pa
         assert row["dense_us"] > 0 and row["sparse_us"] > 0 and row["ceiling"] == pytest.approx(
             {"dense": 1.0, "numba": 16 / 9}[row["ran"]], abs=1e-3)
         assert row["speedup"] == pytest.approx(row["dense_us"] / row["sparse_us"], rel=0.02, abs=1e-3)  # 3 decimals
-    assert [(r["model"], r["batch"]) for r in record["decode"]] == [("dense", 1), ("sparse", 1)]
+    assert [(r["model"], r["batch"]) for r in record["decode"]] == [("dense", 1), ("sparse", 1), (FREE, 1)]
     assert all(r["decode_tok_s"] > 0 and r["prefill_ms"] > 0 for r in record["decode"])
     assert stdout.count("| 32 × 64 |") == 4 and "| sparse | 1 |" in stdout
+    assert "ceiling with the 2:4 linears taking no time (batch 1: " in stdout
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+@torch.inference_mode()
+def test_free_copy_takes_out_exactly_the_sparse_linears() -> None:
+    dense = tiny_model().eval()
+    sparse = sparse_copy(dense, "dense")
+    free = free_copy(sparse)
+    assert sum(isinstance(m, SparseLinear) for m in sparse.modules()) == 7 * len(sparse.model.layers)  # q k v o gate up down
+    assert not any(isinstance(m, SparseLinear) for m in free.modules())
+    embed, head = free.get_input_embeddings(), free.get_output_embeddings()
+    assert embed.weight is sparse.get_input_embeddings().weight  # shared, not copied
+    ids = torch.tensor([[5, 17, 3, 9]])
+    # every residual branch ends in a free linear, so the hidden state is the embedding throughout
+    expected = head(free.model.norm(embed(ids)))
+    torch.testing.assert_close(free(ids).logits, expected, rtol=0, atol=0)
+    assert not torch.equal(sparse(ids).logits, expected)
 
 
 def test_bench_bad_lists(capsys, tiny_checkpoint) -> None:

@@ -125,6 +125,27 @@ def test_int24_kernel_choice_and_fallback() -> None:
     assert SparseLinear(q, backend="semi-structured", name="x").fallback_reason == "no semi-structured kernel for 4-bit codes"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_runs_the_int4_kernel_in_float32(tmp_path, dtype) -> None:
+    """A bfloat16 checkpoint loads as a bfloat16 model by default; its 2:4 + INT4 layers must still run
+    (they raised on their first input before) and give the float32 kernel's result in that dtype."""
+    pytest.importorskip("numba", reason="numba is not installed; the CPU 2:4 + INT4 kernel needs it")
+    llmprune.save(quantized_model(), tmp_path / "out")
+    half = llmprune.load(tmp_path / "out", backend="numba", dtype=dtype)
+    single = llmprune.load(tmp_path / "out", backend="numba")
+    name = "model.layers.0.mlp.down_proj"
+    assert half.get_submodule(name).backend == "numba"
+    for rows in (1, 5, 40):  # fused, fused, expanded (past MAX_FUSED_ROWS)
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        with torch.inference_mode():
+            y = half.get_submodule(name)(x)
+            expected = single.get_submodule(name)(x.float()).to(dtype)
+        assert y.dtype == dtype and torch.equal(y, expected), rows
+    out = logits(half)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), logits(single), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.slow
 @needs_stories
 @needs_wikitext

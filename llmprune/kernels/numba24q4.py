@@ -149,7 +149,11 @@ def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 + INT4 weight in ``(values, meta)`` layout, transposed, plus
-    ``bias`` (inference only: no gradient flows through the fused kernel)."""
+    ``bias`` (inference only: no gradient flows through the fused kernel). A float16 or bfloat16 model's
+    ``x`` (its checkpoint's dtype: the codes do not change with it) is computed in float32 from the exact
+    dequantized weights, and the result returned in ``x``'s dtype."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return linear(x.float(), values, meta, None if bias is None else bias.float()).to(x.dtype)
     rows = cpu_rows(x, values, "numba 2:4+INT4 kernel")
     if rows.shape[0] > MAX_FUSED_ROWS:
         return F.linear(x, from_layout(values, meta), bias)  # F.linear checks the sizes

@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--contention", type=int, default=0, metavar="N",
                         help="run a competing process doing dense GEMMs on N threads (0: none)")
     parser.add_argument("--fused-rows", type=int, default=None, metavar="N",
-                        help="run both kernels fused up to N rows of x, expanded above (default: their MAX_FUSED_ROWS)")
+                        help="run both kernels fused up to N rows of x, expanded above (default: numba24.fused_rows, by size)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     try:
@@ -123,7 +123,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.fused_rows is not None:
-        numba24.MAX_FUSED_ROWS = numba24q4.MAX_FUSED_ROWS = args.fused_rows
+        numba24.MAX_FUSED_ROWS = numba24.FUSED_ROWS_CAP = args.fused_rows
     competitor = None
     if args.contention:
         competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR, str(args.contention)])
@@ -131,7 +131,7 @@ def main() -> None:
     load = os.getloadavg()
     header = (f"{platform.processor() or 'cpu'}, {os.cpu_count()} CPUs, torch {torch.__version__}, numba "
               f"{numba.__version__}, {torch.get_num_threads()} threads, INT4 group size {args.group_size}, "
-              f"weights rotate through {args.pool_mb} MiB per side, fused up to {numba24q4.MAX_FUSED_ROWS} rows, "
+              f"weights rotate through {args.pool_mb} MiB per side, fused up to {args.fused_rows if args.fused_rows is not None else 'numba24.fused_rows (by size)'} rows, "
               f"{f'a competing process on {args.contention} threads' if args.contention else 'no competing process'}")
     print(header, flush=True)
     rows = []
@@ -152,7 +152,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"header": header, "threads": torch.get_num_threads(), "contention_threads": args.contention,
-                       "max_fused_rows": numba24q4.MAX_FUSED_ROWS,
+                       "max_fused_rows": args.fused_rows,
                        "group_size": args.group_size, "pool_mb": args.pool_mb, "rounds": args.rounds,
                        "repeats": args.repeats, "load_before": load, "load_after": load_after, "rows": rows},
                       handle, indent=1)

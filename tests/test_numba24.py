@@ -73,6 +73,24 @@ def test_products_match_the_dense_masked_matmul(rows, columns, batch, bias) -> N
     torch.testing.assert_close(y, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
 
 
+def test_a_large_layer_runs_more_rows_fused(monkeypatch) -> None:
+    """Prefill rows run fused until expanding the weight pays, later for a weight whose expansion leaves
+    the cache; the fast path (``SparseLinear``'s bound call) and ``linear`` draw the line at the same row."""
+    assert [numba24.fused_rows(*shape) for shape in ((576, 576), (1536, 576), (2048, 2048), (5632, 2048),
+                                                     (4096, 4096), (11008, 4096))] == [16, 16, 64, 128, 128, 128]
+    weight = random_24(512, 2304, seed=3)  # 4.5 MiB in float32: 18 rows fused
+    layer = SparseLinear(weight, backend="numba", name="large")
+    expanded = []
+    expand = numba24.from_layout
+    monkeypatch.setattr(numba24, "from_layout", lambda *a: expanded.append(1) or expand(*a))
+    for rows in (17, 18, 19):
+        x = torch.randn(rows, 2304, generator=torch.Generator().manual_seed(rows))
+        for run in (layer, lambda x: numba24.linear(x, layer.kernel, layer.meta)):
+            expanded.clear()
+            torch.testing.assert_close(run(x), x @ weight.T, rtol=1e-5, atol=1e-4)
+            assert len(expanded) == (rows > 18), rows
+
+
 def test_wrong_input_size_is_refused() -> None:
     values, meta = numba24.to_layout(random_24(8, 136))
     for columns in (132, 140, 200):  # inside the padded chunk, just past the weight, far past it

@@ -70,8 +70,8 @@ def test_layout_byte_for_byte() -> None:
     (12, 256, 128, (3,)),    # whole chunks
     (28, 100, 100, (2, 4)),  # several rows of x, 3-D input, group_size = in
     (20, 392, 64, (1,)),     # two scales per chunk, a padded chunk
-    (64, 128, 128, (numba24q4.MAX_FUSED_ROWS,)),      # the last size the fused kernel takes
-    (64, 128, 128, (numba24q4.MAX_FUSED_ROWS + 1,)),  # expanded weight and a dense GEMM
+    (64, 128, 128, (numba24.MAX_FUSED_ROWS,)),      # the last size the fused kernel takes
+    (64, 128, 128, (numba24.MAX_FUSED_ROWS + 1,)),  # expanded weight and a dense GEMM
     (1024, 1024, 128, (2,)),  # many claims per thread
 ])
 @pytest.mark.parametrize("bias", [False, True])
@@ -99,7 +99,7 @@ def test_nan_in_a_kept_input_reaches_only_the_rows_that_store_it() -> None:
 def test_wrong_inputs_are_refused() -> None:
     values, meta = numba24q4.to_layout(random_int24(8, 136, 128))
     for columns in (132, 140, 264):  # inside the padded chunk, just past the weight, far past it
-        for rows in (1, numba24q4.MAX_FUSED_ROWS + 1):  # the fused kernel and the expanded GEMM
+        for rows in (1, numba24.MAX_FUSED_ROWS + 1):  # the fused kernel and the expanded GEMM
             with pytest.raises((LLMPruneError, RuntimeError), match="input features|shapes cannot be multiplied"):
                 numba24q4.linear(torch.randn(rows, columns), values, meta)
     with pytest.raises(LLMPruneError, match="runs on CPU"):

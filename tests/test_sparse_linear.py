@@ -103,7 +103,7 @@ def test_numba_bound_call_equals_the_generic_path_and_follows_the_tensors(quanti
     assert sparse.backend == "numba"
     kernel = numba24q4 if quantized else numba24
     dense = sparse.weight.clone()
-    for rows in (1, 3, kernel.MAX_FUSED_ROWS, kernel.MAX_FUSED_ROWS + 1):  # the last one expands
+    for rows in (1, 3, numba24.MAX_FUSED_ROWS, numba24.MAX_FUSED_ROWS + 1):  # the last one expands
         x = torch.randn(rows, 256)
         assert torch.equal(sparse(x), kernel.linear(x, sparse.kernel, sparse.meta, bias))
         torch.testing.assert_close(sparse(x), x @ dense.T + bias, rtol=1e-5, atol=1e-5)

@@ -16,8 +16,9 @@ array per row would be a dozen streams per block, and measured half the bandwidt
 split into their four residues mod 4, so the kernel never gathers: for each group it loads all four,
 selects the two the positions name (blends) and accumulates two FMAs, 16 groups per vector. For a few
 rows of ``x`` (decode with a small batch) the panel stays in L1/L2 while every row of ``x`` passes over
-it; for more rows (prefill) the weight is expanded to dense once per call and ``F.linear`` does the
-GEMM, since a dense GEMM is compute-bound there and 2:4 saves no arithmetic on CPU.
+it; for more rows (prefill: past ``fused_rows``, 16 to 128 by the weight's size) the weight is expanded
+to dense once per call and ``F.linear`` does the GEMM, since a dense GEMM is compute-bound there and
+2:4 saves no arithmetic on CPU.
 
 Threads: the compiled kernels are serial; ``parallel`` (below, shared with ``numba24q4``) runs them on
 this thread alone or with helper threads, whichever measured faster for that kernel and size, up to
@@ -38,7 +39,9 @@ import torch.nn.functional as F
 from ..errors import LLMPruneError
 from ..packing import stored_positions
 
-MAX_FUSED_ROWS = 16  # rows of x run fused; from about 24 expanding does as well (eval/results/q4_kernels.md)
+MAX_FUSED_ROWS = 16  # rows of x every layer runs fused (eval/results/q4_kernels.md)
+FUSED_ROWS_CAP = 128  # ... and a large one up to this many (eval/RESULTS.md, "Prefill")
+EXPANDED_BYTES_PER_ROW = 256 << 10  # a large layer runs one more row fused per this many bytes of its expansion
 LANES = 16  # groups per chunk (one AVX-512 vector of float32)
 PAD = 255  # meta code of a padding group
 
@@ -203,6 +206,13 @@ def parallel(kernel, blocks: int, work: int, *args) -> None:
     record[2 if use_helpers else 1] = seconds if mean is None else mean + SMOOTHING * (seconds - mean)
 
 
+def fused_rows(out_features: int, in_features: int) -> int:
+    """How many rows of x a layer runs fused before expanding its weight pays: at least ``MAX_FUSED_ROWS``,
+    more for a weight whose float32 expansion (written, then read by the GEMM) falls out of cache, whose
+    expansion costs up to 2 ns per weight against 0.02 per weight and row in the fused kernel."""
+    return max(MAX_FUSED_ROWS, min(FUSED_ROWS_CAP, out_features * in_features * 4 // EXPANDED_BYTES_PER_ROW))
+
+
 def cpu_rows(x: torch.Tensor, weight: torch.Tensor, kernel: str) -> torch.Tensor:
     """``x`` ``[..., in]`` as float32 rows ``[M, in]`` for a CPU kernel, or why not."""
     if weight.device.type != "cpu" or x.device.type != "cpu":
@@ -235,18 +245,18 @@ class Bound:
     """A layer's ``linear`` with what does not depend on ``x`` done once (the compiled kernels, numpy views of
     the layout): ``SparseLinear`` binds it, and a decode step makes hundreds of these calls, each a few tens of
     µs, where the generic path's checks, imports and conversions cost as much again (eval/RESULTS.md). Anything
-    the fast path does not take (another dtype or device, autograd, more rows than ``max_rows``, a layout
+    the fast path does not take (another dtype or device, autograd, more rows than ``fused_rows``, a layout
     whose storage was replaced) goes to ``linear``, which checks it and says what is wrong."""
 
-    def __init__(self, kernels, linear, max_rows: int, values: torch.Tensor, meta: torch.Tensor) -> None:
-        self.kernels, self.linear, self.max_rows = kernels, linear, max_rows
+    def __init__(self, kernels, linear, values: torch.Tensor, meta: torch.Tensor) -> None:
+        self.kernels, self.linear, self.out_features = kernels, linear, values.shape[0] * 4
         self.values, self.meta = values, meta
         self.pointers = (values.data_ptr(), meta.data_ptr())
         self.arrays = (values.detach().numpy(), meta.detach().numpy()) if values.device.type == "cpu" else None
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if (self.arrays is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad
-                or x.numel() > self.max_rows * x.shape[-1]
+                or x.numel() > fused_rows(self.out_features, x.shape[-1]) * x.shape[-1]
                 or (self.values.data_ptr(), self.meta.data_ptr()) != self.pointers):
             return self.linear(x, self.values, self.meta, bias)
         return fused(self.kernels, x, x.reshape(-1, x.shape[-1]), *self.arrays, bias)
@@ -254,7 +264,7 @@ class Bound:
 
 def bind(values: torch.Tensor, meta: torch.Tensor) -> Bound:
     """``linear`` for this layout, prepared once (see ``Bound``)."""
-    return Bound(_compiled(), linear, MAX_FUSED_ROWS, values, meta)
+    return Bound(_compiled(), linear, values, meta)
 
 
 def _compiled():
@@ -277,6 +287,6 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     """``x`` ``[..., in]`` times the 2:4 weight in ``(values, meta)`` layout, transposed, plus ``bias``
     (inference only: no gradient flows through the fused kernel)."""
     rows = cpu_rows(x, values, "numba 2:4 kernel")
-    if rows.shape[0] > MAX_FUSED_ROWS:
+    if rows.shape[0] > fused_rows(values.shape[0] * 4, rows.shape[1]):
         return F.linear(x, from_layout(values, meta), bias)  # F.linear checks the sizes
     return fused(_compiled(), x, rows, values.numpy(), meta.numpy(), bias)

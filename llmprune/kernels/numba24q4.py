@@ -25,7 +25,7 @@ Why it is fast: as in ``numba24``, a block's panel is one contiguous stream, and
 its four residues mod 4 so the inputs are picked with blends, 16 groups per AVX-512 vector, shared by
 the block's 4 rows; the codes are converted and scaled in registers. At one row of x the kernel is
 bound by those instructions more than by memory (eval/results/q4_kernels.md). More rows than
-``MAX_FUSED_ROWS`` (prefill) expand the weight to dense for that call and run ``F.linear``.
+``numba24.fused_rows`` (prefill) expand the weight to dense for that call and run ``F.linear``.
 """
 from __future__ import annotations
 
@@ -34,9 +34,8 @@ import torch.nn.functional as F
 
 from ..errors import LLMPruneError
 from ..packing import Int24
-from .numba24 import Bound, cpu_rows, fused, parallel
+from .numba24 import Bound, cpu_rows, fused, fused_rows, parallel
 
-MAX_FUSED_ROWS = 16  # rows of x run fused; from about 24 expanding does as well (eval/results/q4_kernels.md)
 CHUNK = 32  # groups of 4 inputs per chunk: two AVX-512 vectors of float32
 PAD = 15  # position nibble of a padding group
 MAX_ZERO = 4096  # |zero point| up to which code·scale + offset is exact in float32
@@ -155,11 +154,11 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     if x.dtype in (torch.float16, torch.bfloat16):
         return linear(x.float(), values, meta, None if bias is None else bias.float()).to(x.dtype)
     rows = cpu_rows(x, values, "numba 2:4+INT4 kernel")
-    if rows.shape[0] > MAX_FUSED_ROWS:
+    if rows.shape[0] > fused_rows(values.shape[0] * 4, rows.shape[1]):
         return F.linear(x, from_layout(values, meta), bias)  # F.linear checks the sizes
     return fused(_compiled(), x, rows, values.numpy(), meta.numpy(), bias)
 
 
 def bind(values: torch.Tensor, meta: torch.Tensor) -> Bound:
     """``linear`` for this layout, prepared once (see ``numba24.Bound``)."""
-    return Bound(_compiled(), linear, MAX_FUSED_ROWS, values, meta)
+    return Bound(_compiled(), linear, values, meta)

@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Prefill-sized calls of the CPU 2:4 kernels: the fused kernel against expanding the weight and a dense
+GEMM, for each shape and number of rows M, and which of the two ``numba24.fused_rows`` picks.
+
+    python scripts/bench_prefill_rows.py [--shapes 2048x2048,5632x2048] [--ms 16,32,64,128,256] [--json OUT]
+
+Both sides run on the same layer (random 2:4 weights, INT4 codes for ``numba+int4``), hot in cache as
+prefill sees them (one weight, many rows); medians of ``--repeats`` calls. The fused kernel's time grows
+with M from the first row; expanding costs the weight's float32 copy once (up to 2 ns per weight once it
+no longer fits in cache) and then a GEMM, so the crossover moves to more rows as the weight grows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from llmprune.eval.speed import random_24, sparse_module  # noqa: E402
+from llmprune.kernels import numba24, numba24q4  # noqa: E402
+
+SHAPES = "576x576,1536x576,2048x2048,5632x2048,2048x5632,4096x4096,11008x4096"
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=SHAPES, help="OUTxIN,... (default: SmolLM2, 1B and 7B shapes)")
+    parser.add_argument("--ms", default="16,32,64,128,256", help="rows of x, comma-separated")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    try:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+        ms = [int(m) for m in args.ms.split(",")]
+    except ValueError:
+        parser.error(f"--shapes takes OUTxIN,... and --ms integers; got {args.shapes!r} and {args.ms!r}")
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    print(f"{torch.get_num_threads()} threads")
+    print("| kernel | out × in | fused_rows | M | fused ms | expanded ms | faster | picked |")
+    print("|---|---|---:|---:|---:|---:|---|---|")
+    for name, kernel in (("numba+int4", numba24q4), ("numba", numba24)):
+        for out_features, in_features in shapes:
+            layer = sparse_module(random_24(out_features, in_features, torch.float32, torch.device("cpu"), generator),
+                                  name, generator)
+            values, meta = layer.kernel.data, layer.meta
+            arrays = (values.numpy(), meta.numpy())
+            limit = numba24.fused_rows(out_features, in_features)
+            for m in ms:
+                x = torch.randn(m, in_features, generator=generator)
+                fused = median_ms(lambda: numba24.fused(kernel._compiled(), x, x, *arrays, None), args.repeats)
+                expanded = median_ms(lambda: F.linear(x, kernel.from_layout(values, meta)), args.repeats)
+                row = {"kernel": name, "out": out_features, "in": in_features, "fused_rows": limit, "m": m,
+                       "fused_ms": round(fused, 3), "expanded_ms": round(expanded, 3)}
+                rows.append(row)
+                print(f"| {name} | {out_features} × {in_features} | {limit} | {m} | {fused:.2f} | {expanded:.2f} | "
+                      f"{'fused' if fused < expanded else 'expanded'} | {'fused' if m <= limit else 'expanded'} |",
+                      flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -136,7 +136,19 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self.__dict__.pop("_bound", None)  # it holds the tensors as they were
-        return super()._apply(fn, recurse)
+        # model.half() / .to(bfloat16) moves but never casts the compact INT4 form (the checkpoint's float16
+        # grid: a cast would lose bits that saving writes back) nor a CPU kernel's layout (float32 values
+        # or grid that the kernel alone reads; it takes half inputs instead)
+        fixed = [self.int_codes, self.int_bitmask, self.int_scales, self.int_zeros]
+        if self.kernel_backend.fixed_dtypes:
+            fixed += [self.kernel, self.meta]
+        dtypes = {id(t): t.dtype for t in fixed if t is not None}
+
+        def keep_fixed_dtypes(t: torch.Tensor) -> torch.Tensor:
+            applied = fn(t)
+            return applied if dtypes.get(id(t), applied.dtype) == applied.dtype else t.to(applied.device)
+
+        return super()._apply(keep_fixed_dtypes, recurse)
 
     # state_dict holds the dense weight in the replaced module's layout, not the kernel's storage.
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -118,3 +118,34 @@ def test_numba_bound_call_equals_the_generic_path_and_follows_the_tensors(quanti
     assert sparse._bound is not bound
     with pytest.raises(LLMPruneError, match="float32"):
         sparse(x.detach().double())
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["2:4", "2:4+int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_numba_layer_cast_to_half_keeps_its_layout_and_computes_in_float32(quantized: bool, dtype) -> None:
+    """``model.to(bfloat16)`` casts the bias, never the kernel's layout (float32 values, uint8 positions or
+    codes, float32 grid), and the layer then takes half inputs: the float32 result, in the input's dtype."""
+    pytest.importorskip("numba")
+    from llmprune.kernels import numba24, numba24q4
+
+    weight = random_int24(64, 256, 128, seed=5) if quantized else random_24(64, 256, seed=5)
+    single = SparseLinear(weight, torch.randn(64), backend="numba", name="proj")
+    half = SparseLinear(weight, single.bias.detach().clone(), backend="numba", name="proj")
+    names = ("kernel", "meta") + (("int_codes", "int_bitmask", "int_scales", "int_zeros") if quantized else ())
+    layout = {name: (getattr(half, name).dtype, getattr(half, name).clone()) for name in names}
+    half.to(dtype)
+    assert half.bias.dtype == dtype and half.backend == "numba"
+    for name, (before, values) in layout.items():
+        assert getattr(half, name).dtype == before and torch.equal(getattr(half, name), values), name
+    kernel = numba24q4 if quantized else numba24
+    for rows in (1, 20):  # fused, expanded
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        with torch.inference_mode():
+            y = half(x)
+            expected = kernel.linear(x.float(), single.kernel, single.meta, half.bias.float()).to(dtype)
+        assert y.dtype == dtype and torch.equal(y, expected), rows
+        torch.testing.assert_close(y.float(), x.float() @ single.weight.T + half.bias.float(), rtol=1e-2, atol=1e-2)
+    dense = SparseLinear(weight, backend="dense", name="proj").to(dtype)  # the dense path is cast as before,
+    assert dense.kernel.dtype == dtype  # the compact INT4 form is not
+    assert not quantized or (dense.int_scales.dtype == torch.float16 and torch.equal(dense.quantized().scales,
+                                                                                      weight.scales))

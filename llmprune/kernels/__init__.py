@@ -30,6 +30,7 @@ class Backend:
     """A kernel family, under the name users select it by."""
 
     name: str
+    fixed_dtypes = False  # its layout's dtypes are the kernel's own: casting the model must not change them
 
     def unavailable(self, weight: torch.Tensor) -> str | None:
         raise NotImplementedError
@@ -56,9 +57,10 @@ class Backend:
 class KernelModule(Backend):
     """The four functions of one kernel module (imported on first use: numba and triton are optional)."""
 
-    def __init__(self, name: str, module: str) -> None:
+    def __init__(self, name: str, module: str, fixed_dtypes: bool = False) -> None:
         self.name = name
         self._module_name = module
+        self.fixed_dtypes = fixed_dtypes
 
     @functools.cached_property
     def _module(self):
@@ -120,8 +122,8 @@ class DenseInt(Dense):
 
 
 _KERNELS = {"semi-structured": KernelModule("semi-structured", "semi_structured"),
-            "triton": KernelModule("triton", "triton24"), "numba": KernelModule("numba", "numba24")}
-_INT_KERNELS = {"triton": KernelModule("triton", "triton24q4"), "numba": KernelModule("numba", "numba24q4")}
+            "triton": KernelModule("triton", "triton24"), "numba": KernelModule("numba", "numba24", True)}
+_INT_KERNELS = {"triton": KernelModule("triton", "triton24q4"), "numba": KernelModule("numba", "numba24q4", True)}
 
 
 def auto_backend(device: torch.device, quantized: bool = False) -> str:

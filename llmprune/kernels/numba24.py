@@ -213,6 +213,13 @@ def fused_rows(out_features: int, in_features: int) -> int:
     return max(MAX_FUSED_ROWS, min(FUSED_ROWS_CAP, out_features * in_features * 4 // EXPANDED_BYTES_PER_ROW))
 
 
+def half_in_float32(linear, x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """``linear`` of a float16 or bfloat16 model's ``x``: computed in float32, the kernels' only dtype, from
+    the exact weights, and returned in ``x``'s dtype."""
+    return linear(x.float(), values, meta, None if bias is None else bias.float()).to(x.dtype)
+
+
 def cpu_rows(x: torch.Tensor, weight: torch.Tensor, kernel: str) -> torch.Tensor:
     """``x`` ``[..., in]`` as float32 rows ``[M, in]`` for a CPU kernel, or why not."""
     if weight.device.type != "cpu" or x.device.type != "cpu":
@@ -285,7 +292,9 @@ def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 weight in ``(values, meta)`` layout, transposed, plus ``bias``
-    (inference only: no gradient flows through the fused kernel)."""
+    (inference only: no gradient flows through the fused kernel; a half-precision ``x``: ``half_in_float32``)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return half_in_float32(linear, x, values, meta, bias)
     rows = cpu_rows(x, values, "numba 2:4 kernel")
     if rows.shape[0] > fused_rows(values.shape[0] * 4, rows.shape[1]):
         return F.linear(x, from_layout(values, meta), bias)  # F.linear checks the sizes

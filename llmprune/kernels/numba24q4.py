@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import LLMPruneError
 from ..packing import Int24
-from .numba24 import Bound, cpu_rows, fused, fused_rows, parallel
+from .numba24 import Bound, cpu_rows, fused, fused_rows, half_in_float32, parallel
 
 CHUNK = 32  # groups of 4 inputs per chunk: two AVX-512 vectors of float32
 PAD = 15  # position nibble of a padding group
@@ -149,10 +149,9 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 + INT4 weight in ``(values, meta)`` layout, transposed, plus
     ``bias`` (inference only: no gradient flows through the fused kernel). A float16 or bfloat16 model's
-    ``x`` (its checkpoint's dtype: the codes do not change with it) is computed in float32 from the exact
-    dequantized weights, and the result returned in ``x``'s dtype."""
+    ``x`` (its checkpoint's dtype: the codes do not change with it) goes through ``half_in_float32``."""
     if x.dtype in (torch.float16, torch.bfloat16):
-        return linear(x.float(), values, meta, None if bias is None else bias.float()).to(x.dtype)
+        return half_in_float32(linear, x, values, meta, bias)
     rows = cpu_rows(x, values, "numba 2:4+INT4 kernel")
     if rows.shape[0] > fused_rows(values.shape[0] * 4, rows.shape[1]):
         return F.linear(x, from_layout(values, meta), bias)  # F.linear checks the sizes

@@ -255,15 +255,16 @@ class Bound:
     the fast path does not take (another dtype or device, autograd, more rows than ``fused_rows``, a layout
     whose storage was replaced) goes to ``linear``, which checks it and says what is wrong."""
 
-    def __init__(self, kernels, linear, values: torch.Tensor, meta: torch.Tensor) -> None:
-        self.kernels, self.linear, self.out_features = kernels, linear, values.shape[0] * 4
+    def __init__(self, kernels, linear, values: torch.Tensor, meta: torch.Tensor, in_features: int) -> None:
+        self.kernels, self.linear = kernels, linear
+        self.max_elements = fused_rows(values.shape[0] * 4, in_features) * in_features  # of x, run fused
         self.values, self.meta = values, meta
         self.pointers = (values.data_ptr(), meta.data_ptr())
         self.arrays = (values.detach().numpy(), meta.detach().numpy()) if values.device.type == "cpu" else None
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if (self.arrays is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad
-                or x.numel() > fused_rows(self.out_features, x.shape[-1]) * x.shape[-1]
+                or x.numel() > self.max_elements
                 or (self.values.data_ptr(), self.meta.data_ptr()) != self.pointers):
             return self.linear(x, self.values, self.meta, bias)
         return fused(self.kernels, x, x.reshape(-1, x.shape[-1]), *self.arrays, bias)
@@ -271,7 +272,7 @@ class Bound:
 
 def bind(values: torch.Tensor, meta: torch.Tensor) -> Bound:
     """``linear`` for this layout, prepared once (see ``Bound``)."""
-    return Bound(_compiled(), linear, values, meta)
+    return Bound(_compiled(), linear, values, meta, in_features(values, meta))
 
 
 def _compiled():
@@ -281,10 +282,14 @@ def _compiled():
     return _numba24
 
 
+def in_features(values: torch.Tensor, meta: torch.Tensor) -> int:
+    """The weight's ``in``, read off the padding of the layout's first row."""
+    return 4 * int((meta[0, :, 0] != PAD).sum())
+
+
 def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``to_layout``: the dense ``[out, in]`` weight (``in`` read off the padding)."""
-    in_features = 4 * int((meta[0, :, 0] != PAD).sum())
-    dense = torch.empty(values.shape[0] * 4, in_features, dtype=torch.float32)
+    """The inverse of ``to_layout``: the dense ``[out, in]`` weight."""
+    dense = torch.empty(values.shape[0] * 4, in_features(values, meta), dtype=torch.float32)
     parallel(_compiled().expand, values.shape[0], dense.nbytes, values.numpy(), meta.numpy(), dense.numpy())
     return dense
 

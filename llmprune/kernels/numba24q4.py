@@ -136,11 +136,14 @@ def _compiled():
     return _numba24q4
 
 
+def in_features(values: torch.Tensor, meta: torch.Tensor) -> int:
+    """The weight's ``in``, read off the padding nibbles of the last chunk."""
+    return stored_in_features(values[0, -1, 0, :16], values.shape[1])
+
+
 def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``to_layout``: the dense ``[out, in]`` weight, equal to ``Int24.dequantize()``
-    (``in`` read off the padding nibbles of the last chunk)."""
-    in_features = stored_in_features(values[0, -1, 0, :16], values.shape[1])
-    dense = torch.empty(values.shape[0] * 4, in_features, dtype=torch.float32)
+    """The inverse of ``to_layout``: the dense ``[out, in]`` weight, equal to ``Int24.dequantize()``."""
+    dense = torch.empty(values.shape[0] * 4, in_features(values, meta), dtype=torch.float32)
     parallel(_compiled().expand, values.shape[0], dense.nbytes, values.numpy(), meta.numpy(), dense.numpy())
     return dense
 
@@ -160,4 +163,4 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
 
 def bind(values: torch.Tensor, meta: torch.Tensor) -> Bound:
     """``linear`` for this layout, prepared once (see ``numba24.Bound``)."""
-    return Bound(_compiled(), linear, values, meta)
+    return Bound(_compiled(), linear, values, meta, in_features(values, meta))

@@ -3,6 +3,11 @@
 GEMM, for each shape and number of rows M, and which of the two ``numba24.fused_rows`` picks.
 
     python scripts/bench_prefill_rows.py [--shapes 2048x2048,5632x2048] [--ms 16,32,64,128,256] [--json OUT]
+    python scripts/bench_prefill_rows.py --checkpoint DIR [--prompt-lens 32,128] [--json OUT]
+
+With ``--checkpoint`` (a packed checkpoint, loaded on the numba backend in float32) it times instead one
+forward of a random prompt of each length through the whole model, under the size rule and under the
+old fixed 16 rows (``numba24.FUSED_ROWS_CAP`` = 16), the two taking turns, ``--repeats`` rounds.
 
 Both sides run on the same layer (random 2:4 weights, INT4 codes for ``numba+int4``), hot in cache as
 prefill sees them (one weight, many rows); medians of ``--repeats`` calls. The fused kernel's time grows
@@ -41,13 +46,55 @@ def median_ms(fn, repeats: int) -> float:
 
 
 @torch.inference_mode()
+def prompt_forwards(checkpoint: str, prompt_lens: list[int], repeats: int) -> list[dict]:
+    """Median ms of one forward of each prompt length, under the size rule and the fixed 16 rows."""
+    import llmprune
+
+    model = llmprune.load(checkpoint, device="cpu", dtype="float32", backend="numba")
+    vocab = model.config.vocab_size
+    rules = {"size rule": numba24.FUSED_ROWS_CAP, "16 rows": numba24.MAX_FUSED_ROWS}
+    rows = []
+    print("| prompt tokens | rule | forward ms |")
+    print("|---:|---|---:|")
+    for length in prompt_lens:
+        ids = torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(length))
+        times: dict[str, list[float]] = {rule: [] for rule in rules}
+        for round_ in range(repeats + 1):  # round 0 warms up
+            for rule, cap in rules.items():
+                numba24.FUSED_ROWS_CAP = cap
+                model.to("cpu")  # rebinds every layer, which reads the limit when bound
+                start = time.perf_counter()
+                model(ids)
+                if round_:
+                    times[rule].append((time.perf_counter() - start) * 1e3)
+        for rule, values in times.items():
+            rows.append({"prompt_len": length, "rule": rule, "forward_ms": round(statistics.median(values), 1),
+                         "all_ms": [round(v, 1) for v in values]})
+            print(f"| {length} | {rule} | {rows[-1]['forward_ms']} |", flush=True)
+    numba24.FUSED_ROWS_CAP = rules["size rule"]
+    return rows
+
+
+@torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=SHAPES, help="OUTxIN,... (default: SmolLM2, 1B and 7B shapes)")
     parser.add_argument("--ms", default="16,32,64,128,256", help="rows of x, comma-separated")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--checkpoint", default=None, help="time whole prompts through this packed checkpoint")
+    parser.add_argument("--prompt-lens", default="32,128", help="with --checkpoint: prompt lengths")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.checkpoint:
+        try:
+            lengths = [int(v) for v in args.prompt_lens.split(",")]
+        except ValueError:
+            parser.error(f"--prompt-lens takes integers; got {args.prompt_lens!r}")
+        rows = prompt_forwards(args.checkpoint, lengths, args.repeats)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "threads": torch.get_num_threads(),
+                                                   "rows": rows}, indent=1))
+        return
     try:
         shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
         ms = [int(m) for m in args.ms.split(",")]

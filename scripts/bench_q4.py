@@ -123,7 +123,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.fused_rows is not None:
-        numba24.MAX_FUSED_ROWS = numba24.FUSED_ROWS_CAP = args.fused_rows
+        numba24.fused_rows = lambda *shape: args.fused_rows
     competitor = None
     if args.contention:
         competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR, str(args.contention)])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import VOCAB, tiny_model
 
+import llmprune
 from llmprune.errors import LLMPruneError
 from llmprune.kernels import numba24
 from llmprune.patterns import NM
@@ -81,8 +83,8 @@ def test_a_large_layer_runs_more_rows_fused(monkeypatch) -> None:
     weight = random_24(512, 2304, seed=3)  # 4.5 MiB in float32: 18 rows fused
     layer = SparseLinear(weight, backend="numba", name="large")
     expanded = []
-    expand = numba24.from_layout
-    monkeypatch.setattr(numba24, "from_layout", lambda *a: expanded.append(1) or expand(*a))
+    expand = numba24.expand
+    monkeypatch.setattr(numba24, "expand", lambda *a: expanded.append(1) or expand(*a))
     for rows in (17, 18, 19):
         x = torch.randn(rows, 2304, generator=torch.Generator().manual_seed(rows))
         for run in (layer, lambda x: numba24.linear(x, layer.kernel, layer.meta)):
@@ -128,7 +130,69 @@ def test_sparse_linear_numba_backend_and_its_fallbacks() -> None:
     assert split.backend == "numba" and torch.equal(split.weight, hybrid)
     torch.testing.assert_close(split(x), F.linear(x, hybrid, bias), rtol=1e-5, atol=1e-4)
     half = SparseLinear(weight.half(), backend="numba")
-    assert half.backend == "dense" and "float32" in half.fallback_reason
+    assert half.backend == "dense" and "float32 or bfloat16" in half.fallback_reason
+    assert SparseLinear(weight.bfloat16(), backend="numba").backend == "numba"
     odd = SparseLinear(weight[:10], backend="numba")
     assert odd.backend == "dense" and "multiple of 4" in odd.fallback_reason
     assert numba24.unavailable(weight) is None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_bfloat16_weight_keeps_its_bits_and_computes_as_the_float32_kernel(bias) -> None:
+    """A bfloat16 model's 2:4 weight stays bfloat16 in the layout (5 bytes per group of 4 against dense
+    bfloat16's 8). Decode rows give the float32 kernel's result on the same values, bit for bit (they are
+    widened exactly in registers); prefill rows the dense bfloat16 model's GEMM, bit for bit."""
+    weight = random_24(64, 200, seed=4).bfloat16()  # 50 groups: a padded chunk
+    b = torch.randn(64, generator=torch.Generator().manual_seed(2)).bfloat16() if bias else None
+    values, meta = numba24.to_layout(weight)
+    assert values.dtype == torch.bfloat16 and values.nbytes + meta.nbytes == 64 * 64 * 5
+    assert torch.equal(numba24.from_layout(values, meta), weight)
+    single = numba24.to_layout(weight.float())
+    module = SparseLinear(weight, b, backend="numba")
+    assert module.backend == "numba" and module.kernel.dtype == torch.bfloat16 and torch.equal(module.weight, weight)
+    for rows in (1, 3, numba24.MAX_FUSED_ROWS, numba24.MAX_FUSED_ROWS + 1):
+        x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        with torch.inference_mode():
+            for y in (numba24.linear(x, values, meta, b), module(x)):
+                if rows > numba24.MAX_FUSED_ROWS:
+                    expected = F.linear(x, weight, b)
+                else:
+                    expected = numba24.linear(x.float(), *single, None if b is None else b.float()).bfloat16()
+                assert y.dtype == torch.bfloat16 and torch.equal(y, expected), rows
+            # a float32 input (the model cast to float32 after loading): the float32 kernel's result
+            assert torch.equal(numba24.linear(x.float(), values, meta), numba24.linear(x.float(), *single))
+
+
+def test_expanding_into_bfloat16_rounds_as_torch_does() -> None:
+    """A float32 layout expanded into bfloat16 (prefill of a model cast to bfloat16 after loading) equals
+    ``weight.to(bfloat16)``: ties to even, overflow to infinity, subnormals, NaN kept NaN."""
+    one = 0x3F800000
+    bits = [one + 0x8000, one + 0x18000, one + 0x7FFF, one + 0x8001, 0x7F7FFFFF, 0x00400000, 0x807FFFFF, 0x7FC00000,
+            0x7F800001, one]  # tie to even (down), tie to even (up), below and above a tie, overflow, subnormals, NaNs
+    kept = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    weight = torch.zeros(4, 40)
+    weight[:, 0::2] = kept.repeat(8).reshape(4, 20)  # two kept per group of 4, in positions 0 and 2
+    expanded = numba24.from_layout(*numba24.to_layout(weight), torch.bfloat16)
+    expected = weight.to(torch.bfloat16)
+    nan = expected.isnan()
+    assert torch.equal(expanded.isnan(), nan) and nan.sum() == 16
+    assert torch.equal(expanded[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+def test_a_bfloat16_checkpoint_runs_the_kernel_as_stored(tmp_path) -> None:
+    """Most checkpoints are bfloat16, and ``llmprune.load`` keeps their dtype: their 2:4 linears must run the
+    kernel (they fell back to dense before), with logits as close to the dense path's as bfloat16 allows."""
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = llmprune.prune(tiny_model("llama"), method="magnitude", pattern="2:4", calib_tokens=tokens, device="cpu",
+                           progress=False)
+    llmprune.save(model.to(torch.bfloat16), tmp_path / "out")
+    sparse = llmprune.load(tmp_path / "out", backend="numba")
+    dense = llmprune.load(tmp_path / "out", backend="dense")
+    packed = [m for m in sparse.modules() if isinstance(m, SparseLinear)]
+    assert packed and all(m.backend == "numba" and m.kernel.dtype == torch.bfloat16 for m in packed)
+    assert not llmprune.state(sparse).fallbacks
+    with torch.inference_mode():
+        for ids in (tokens[:, :1], tokens):  # decode-sized (fused) and prefill-sized (expanded) calls
+            got, expected = sparse(ids).logits, dense(ids).logits
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)

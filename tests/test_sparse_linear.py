@@ -122,9 +122,10 @@ def test_numba_bound_call_equals_the_generic_path_and_follows_the_tensors(quanti
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["2:4", "2:4+int4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_numba_layer_cast_to_half_keeps_its_layout_and_computes_in_float32(quantized: bool, dtype) -> None:
+def test_a_numba_layer_cast_to_half_keeps_its_layout(quantized: bool, dtype) -> None:
     """``model.to(bfloat16)`` casts the bias, never the kernel's layout (float32 values, uint8 positions or
-    codes, float32 grid), and the layer then takes half inputs: the float32 result, in the input's dtype."""
+    codes, float32 grid), and the layer then takes half inputs: decode rows give the float32 result in the
+    input's dtype, prefill rows in bfloat16 the dense bfloat16 product (float16: the float32 result)."""
     pytest.importorskip("numba")
     from llmprune.kernels import numba24, numba24q4
 
@@ -142,9 +143,12 @@ def test_a_numba_layer_cast_to_half_keeps_its_layout_and_computes_in_float32(qua
         x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(dtype)
         with torch.inference_mode():
             y = half(x)
-            expected = kernel.linear(x.float(), single.kernel, single.meta, half.bias.float()).to(dtype)
+            if rows > numba24.MAX_FUSED_ROWS and dtype == torch.bfloat16:
+                expected = torch.nn.functional.linear(x, single.weight.to(dtype), half.bias)
+            else:
+                expected = kernel.linear(x.float(), single.kernel, single.meta, half.bias.float()).to(dtype)
         assert y.dtype == dtype and torch.equal(y, expected), rows
-        torch.testing.assert_close(y.float(), x.float() @ single.weight.T + half.bias.float(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(y.float(), x.float() @ single.weight.T + half.bias.float(), rtol=2e-2, atol=0.1)
     dense = SparseLinear(weight, backend="dense", name="proj").to(dtype)  # the dense path is cast as before,
     assert dense.kernel.dtype == dtype  # the compact INT4 form is not
     assert not quantized or (dense.int_scales.dtype == torch.float16 and torch.equal(dense.quantized().scales,

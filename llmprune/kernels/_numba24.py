@@ -96,6 +96,42 @@ def has_bits(typingctx, byte, mask):
     return sig, codegen
 
 
+@intrinsic
+def widen(typingctx, value):
+    """A stored weight as float32: float32 as it is, bfloat16 (its bits, uint16) widened exactly, in
+    registers (numba has no bfloat16 type; a bfloat16 is the high half of a float32's bits)."""
+    if value == types.float32:
+        return types.float32(value), lambda context, builder, signature, args: args[0]
+    if value != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = builder.zext(args[0], ir.IntType(32))
+        return builder.bitcast(builder.shl(bits, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+
+    return types.float32(value), codegen
+
+
+@intrinsic
+def narrow(typingctx, value, array):
+    """float32 ``value`` as an element of ``array``: as it is for float32, for bfloat16 bits (uint16) rounded
+    to nearest even, NaN as 0x7FC0, as torch rounds."""
+    if array.dtype == types.float32:
+        return types.float32(value, array), lambda context, builder, signature, args: args[0]
+    if array.dtype != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        odd = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.lshr(builder.add(bits, builder.add(odd, ir.Constant(i32, 0x7FFF))), ir.Constant(i32, 16))
+        nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(nan, ir.Constant(i32, 0x7FC0), rounded), ir.IntType(16))
+
+    return types.uint16(value, array), codegen
+
+
 @njit(inline="always", **_FLAGS)
 def residues(x, groups, padded):
     """``x`` ``[M, 4·groups]`` as its residues mod 4, ``xs[m, p, g] = x[m, 4g + p]``, zero up to ``padded``
@@ -116,7 +152,7 @@ def interleave(planes, row, start, count):
     columns ``row[start:start + count]``: writing planes and then interleaving vectorises; writing the
     row directly made LLVM use scatters, which were slower."""
     for j in range(count):
-        row[start + j] = planes[j & 3, j >> 2]
+        row[start + j] = narrow(planes[j & 3, j >> 2], row)
 
 
 A1, A2, B3, B2 = np.uint8(1), np.uint8(2), np.uint8(4), np.uint8(8)  # the bits of a | b << 2 that pick tests
@@ -160,7 +196,7 @@ def _lane(part, r, values, meta, blk, c, lane, inputs):
     """Group ``16·c + lane`` of row ``4·blk + r`` into ``part[r, lane]``: its two kept values times the two
     of its ``inputs`` (four residues) its positions name."""
     xa, xb = pick(meta[blk, c, r, lane], A1, A2, B2, B3, inputs)
-    part[r, lane] += values[blk, c, r, 0, lane] * xa + values[blk, c, r, 1, lane] * xb
+    part[r, lane] += widen(values[blk, c, r, 0, lane]) * xa + widen(values[blk, c, r, 1, lane]) * xb
 
 
 @njit(inline="always", **_FLAGS)
@@ -207,7 +243,8 @@ def _dense(operands, start, stop, out):
             for c in range(values.shape[1]):
                 for lane in range(16):
                     planes[0, lane], planes[1, lane], planes[2, lane], planes[3, lane] = place(
-                        meta[blk, c, r, lane], A1, A2, B2, B3, values[blk, c, r, 0, lane], values[blk, c, r, 1, lane])
+                        meta[blk, c, r, lane], A1, A2, B2, B3, widen(values[blk, c, r, 0, lane]),
+                        widen(values[blk, c, r, 1, lane]))
                 interleave(planes, row, 64 * c, 4 * min(16, groups - 16 * c))
 
 

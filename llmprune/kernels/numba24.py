@@ -40,10 +40,13 @@ from ..errors import LLMPruneError
 from ..packing import stored_positions
 
 MAX_FUSED_ROWS = 16  # rows of x every layer runs fused (eval/results/q4_kernels.md)
-FUSED_ROWS_CAP = 128  # ... and a large one up to this many (eval/RESULTS.md, "Prefill")
-EXPANDED_BYTES_PER_ROW = 256 << 10  # a large layer runs one more row fused per this many bytes of its expansion
+# A large layer runs more, up to a cap, one more row per so many bytes of its float32 weight, by the dtype of
+# the GEMM that expanding would run: bfloat16 GEMMs are ~4× faster here, so expanding pays sooner
+# (eval/RESULTS.md, "Prefill").
+FUSED_ROWS = {torch.float32: (128, 256 << 10), torch.bfloat16: (64, 1 << 20)}  # dtype → (cap, bytes per row)
 LANES = 16  # groups per chunk (one AVX-512 vector of float32)
 PAD = 255  # meta code of a padding group
+LAYOUT_DTYPES = (torch.float32, torch.bfloat16)  # of the kept values (bfloat16 widened to float32 in registers)
 
 
 def unavailable(weight: torch.Tensor) -> str | None:
@@ -54,8 +57,8 @@ def unavailable(weight: torch.Tensor) -> str | None:
         return "numba is not installed (pip install numba, or llmprune[kernels])"
     if weight.device.type != "cpu":
         return f"weight is on {weight.device.type}; the numba kernel runs on CPU"
-    if weight.dtype != torch.float32:
-        return f"dtype {weight.dtype} (the numba kernel takes float32)"
+    if weight.dtype not in LAYOUT_DTYPES:
+        return f"dtype {weight.dtype} (the numba kernel keeps float32 or bfloat16 weights)"
     if weight.shape[0] % 4:
         return f"out_features {weight.shape[0]} is not a multiple of 4"
     return None
@@ -70,7 +73,7 @@ def to_layout(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor,
     groups = in_features // 4
     chunks = -(-groups // LANES)
     columns = stored.nonzero()[:, 1].reshape(out_features, groups, 2)
-    values = torch.zeros(out_features, chunks * LANES, 2, dtype=torch.float32)
+    values = torch.zeros(out_features, chunks * LANES, 2, dtype=weight.dtype)
     values[:, :groups] = weight.gather(1, columns.flatten(1)).reshape(out_features, groups, 2) + 0.0  # −0.0 → +0.0
     meta = torch.full((out_features, chunks * LANES), PAD, dtype=torch.uint8)
     positions = columns % 4
@@ -206,34 +209,39 @@ def parallel(kernel, blocks: int, work: int, *args) -> None:
     record[2 if use_helpers else 1] = seconds if mean is None else mean + SMOOTHING * (seconds - mean)
 
 
-def fused_rows(out_features: int, in_features: int) -> int:
-    """How many rows of x a layer runs fused before expanding its weight pays: at least ``MAX_FUSED_ROWS``,
-    more for a weight whose float32 expansion (written, then read by the GEMM) falls out of cache, whose
-    expansion costs up to 2 ns per weight against 0.02 per weight and row in the fused kernel."""
-    return max(MAX_FUSED_ROWS, min(FUSED_ROWS_CAP, out_features * in_features * 4 // EXPANDED_BYTES_PER_ROW))
+def fused_rows(out_features: int, in_features: int, dtype: torch.dtype = torch.float32) -> int:
+    """How many rows of x (of ``dtype``) a layer runs fused before expanding its weight pays: at least
+    ``MAX_FUSED_ROWS``, more for a weight whose expansion (written, then read by the GEMM) falls out of
+    cache, where it costs up to 2 ns per weight against 0.02 per weight and row in the fused kernel."""
+    cap, bytes_per_row = FUSED_ROWS[gemm_dtype(dtype)]
+    return max(MAX_FUSED_ROWS, min(cap, out_features * in_features * 4 // bytes_per_row))
 
 
-def half_in_float32(linear, x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                    bias: torch.Tensor | None) -> torch.Tensor:
-    """``linear`` of a float16 or bfloat16 model's ``x``: computed in float32, the kernels' only dtype, from
-    the exact weights, and returned in ``x``'s dtype."""
-    return linear(x.float(), values, meta, None if bias is None else bias.float()).to(x.dtype)
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a call of ``dtype`` rows runs its expanded GEMM in: bfloat16 for bfloat16, as its dense model
+    does (the CPU's bf16 dot products); float32 otherwise (CPU float16 GEMMs are slower than float32 ones)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def cpu_rows(x: torch.Tensor, weight: torch.Tensor, kernel: str) -> torch.Tensor:
-    """``x`` ``[..., in]`` as float32 rows ``[M, in]`` for a CPU kernel, or why not."""
-    if weight.device.type != "cpu" or x.device.type != "cpu":
-        raise LLMPruneError(f"the {kernel} runs on CPU (weight on {weight.device.type}, x on {x.device.type}); "
-                            "load the checkpoint on the target device with backend='auto'")
-    if x.dtype != torch.float32:
-        raise LLMPruneError(f"the {kernel} takes float32 inputs, got {x.dtype}")
-    return x.detach().reshape(-1, x.shape[-1])
+def array(tensor: torch.Tensor) -> np.ndarray:
+    """A layout tensor as the kernels take it: a numpy view, bfloat16 as its bits (uint16: numba has no
+    bfloat16; the kernels widen and narrow the bits, ``_numba24.widen``/``narrow``)."""
+    return (tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor).detach().numpy()
+
+
+def expand(kernels, values: torch.Tensor, meta: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[out, in]`` weight of a panel layout in ``dtype`` (float32 or bfloat16: rounded to
+    nearest even, as ``Tensor.to`` rounds), written by ``kernels.expand``."""
+    dense = torch.empty(values.shape[0] * 4, in_features, dtype=dtype)
+    parallel(kernels.expand, values.shape[0], dense.nbytes, array(values), array(meta), array(dense))
+    return dense
 
 
 def fused(kernels, x: torch.Tensor, rows: torch.Tensor, values: np.ndarray, meta: np.ndarray,
           bias: torch.Tensor | None) -> torch.Tensor:
-    """``rows`` (``x`` flattened) times the weight in ``(values, meta)`` (numpy views), transposed, plus ``bias``,
-    with ``kernels.split`` and ``kernels.gemm`` of a panel layout (``values`` ``[out/4, ...]``)."""
+    """``rows`` (``x`` flattened, float32) times the weight in ``(values, meta)`` (``array`` views), transposed,
+    plus ``bias``, in ``x``'s dtype, with ``kernels.split`` and ``kernels.gemm`` of a panel layout
+    (``values`` ``[out/4, ...]``)."""
     blocks = values.shape[0]
     try:  # the size check of split (the kernels read x without bounds checks)
         xs = kernels.split(rows.contiguous().numpy(), values, meta)
@@ -245,34 +253,60 @@ def fused(kernels, x: torch.Tensor, rows: torch.Tensor, values: np.ndarray, meta
     y = torch.from_numpy(y_np)
     if bias is not None:
         y += bias
-    return y.view(*x.shape[:-1], blocks * 4)
+    return y.view(*x.shape[:-1], blocks * 4).to(x.dtype)
+
+
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def run(kernels, kernel: str, x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features: int,
+        bias: torch.Tensor | None) -> torch.Tensor:
+    """``linear`` of a panel layout (both numba kernels): up to ``fused_rows`` rows of ``x`` in the fused
+    kernel, which computes in float32 from the exact weights whatever ``x``'s dtype; more (prefill) through
+    the weight expanded for this call and ``F.linear`` in ``gemm_dtype``. ``kernel`` names it in errors."""
+    if values.device.type != "cpu" or x.device.type != "cpu":
+        raise LLMPruneError(f"the {kernel} runs on CPU (weight on {values.device.type}, x on {x.device.type}); "
+                            "load the checkpoint on the target device with backend='auto'")
+    if x.dtype not in INPUT_DTYPES:
+        raise LLMPruneError(f"the {kernel} takes float32, bfloat16 or float16 inputs, got {x.dtype}")
+    rows = x.detach().reshape(-1, x.shape[-1])
+    if rows.shape[0] > fused_rows(values.shape[0] * 4, in_features, x.dtype):
+        dtype = gemm_dtype(x.dtype)
+        weight = expand(kernels, values, meta, in_features, dtype)
+        return F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype)).to(x.dtype)  # checks the sizes
+    return fused(kernels, x, rows.float(), array(values), array(meta), bias)
 
 
 class Bound:
-    """A layer's ``linear`` with what does not depend on ``x`` done once (the compiled kernels, numpy views of
-    the layout): ``SparseLinear`` binds it, and a decode step makes hundreds of these calls, each a few tens of
-    µs, where the generic path's checks, imports and conversions cost as much again (eval/RESULTS.md). Anything
-    the fast path does not take (another dtype or device, autograd, more rows than ``fused_rows``, a layout
-    whose storage was replaced) goes to ``linear``, which checks it and says what is wrong."""
+    """A layer's ``run`` with what does not depend on ``x`` done once (the compiled kernels, numpy views of
+    the layout, the fused-row limit of each dtype): ``SparseLinear`` binds it, and a decode step makes
+    hundreds of these calls, each a few tens of µs, where the generic path's checks and conversions cost as
+    much again (eval/RESULTS.md). Anything the fast path does not take (another device, autograd, more rows
+    than ``fused_rows``, a layout whose storage was replaced) goes to ``run``, which checks it and says what
+    is wrong."""
 
-    def __init__(self, kernels, linear, values: torch.Tensor, meta: torch.Tensor, in_features: int) -> None:
-        self.kernels, self.linear = kernels, linear
-        self.max_elements = fused_rows(values.shape[0] * 4, in_features) * in_features  # of x, run fused
+    def __init__(self, kernels, kernel: str, values: torch.Tensor, meta: torch.Tensor, in_features: int) -> None:
+        self.kernels, self.kernel, self.in_features = kernels, kernel, in_features
+        self.max_elements = {dtype: fused_rows(values.shape[0] * 4, in_features, dtype) * in_features
+                             for dtype in INPUT_DTYPES}  # of x, run fused
         self.values, self.meta = values, meta
         self.pointers = (values.data_ptr(), meta.data_ptr())
-        self.arrays = (values.detach().numpy(), meta.detach().numpy()) if values.device.type == "cpu" else None
+        self.arrays = (array(values), array(meta)) if values.device.type == "cpu" else None
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if (self.arrays is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad
-                or x.numel() > self.max_elements
+        if (self.arrays is None or x.device.type != "cpu" or x.requires_grad
+                or x.numel() > self.max_elements.get(x.dtype, -1)
                 or (self.values.data_ptr(), self.meta.data_ptr()) != self.pointers):
-            return self.linear(x, self.values, self.meta, bias)
-        return fused(self.kernels, x, x.reshape(-1, x.shape[-1]), *self.arrays, bias)
+            return run(self.kernels, self.kernel, x, self.values, self.meta, self.in_features, bias)
+        return fused(self.kernels, x, x.reshape(-1, x.shape[-1]).float(), *self.arrays, bias)
+
+
+KERNEL = "numba 2:4 kernel"
 
 
 def bind(values: torch.Tensor, meta: torch.Tensor) -> Bound:
     """``linear`` for this layout, prepared once (see ``Bound``)."""
-    return Bound(_compiled(), linear, values, meta, in_features(values, meta))
+    return Bound(_compiled(), KERNEL, values, meta, in_features(values, meta))
 
 
 def _compiled():
@@ -287,20 +321,13 @@ def in_features(values: torch.Tensor, meta: torch.Tensor) -> int:
     return 4 * int((meta[0, :, 0] != PAD).sum())
 
 
-def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``to_layout``: the dense ``[out, in]`` weight."""
-    dense = torch.empty(values.shape[0] * 4, in_features(values, meta), dtype=torch.float32)
-    parallel(_compiled().expand, values.shape[0], dense.nbytes, values.numpy(), meta.numpy(), dense.numpy())
-    return dense
+def from_layout(values: torch.Tensor, meta: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The inverse of ``to_layout``: the dense ``[out, in]`` weight (in the layout's dtype unless ``dtype``)."""
+    return expand(_compiled(), values, meta, in_features(values, meta), dtype or values.dtype)
 
 
 def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 weight in ``(values, meta)`` layout, transposed, plus ``bias``
-    (inference only: no gradient flows through the fused kernel; a half-precision ``x``: ``half_in_float32``)."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return half_in_float32(linear, x, values, meta, bias)
-    rows = cpu_rows(x, values, "numba 2:4 kernel")
-    if rows.shape[0] > fused_rows(values.shape[0] * 4, rows.shape[1]):
-        return F.linear(x, from_layout(values, meta), bias)  # F.linear checks the sizes
-    return fused(_compiled(), x, rows, values.numpy(), meta.numpy(), bias)
+    (inference only: no gradient flows through the fused kernel; dtypes: ``run``)."""
+    return run(_compiled(), KERNEL, x, values, meta, in_features(values, meta), bias)

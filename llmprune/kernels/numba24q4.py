@@ -30,11 +30,10 @@ bound by those instructions more than by memory (eval/results/q4_kernels.md). Mo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import LLMPruneError
 from ..packing import Int24
-from .numba24 import Bound, cpu_rows, fused, fused_rows, half_in_float32, parallel
+from .numba24 import Bound, expand, run
 
 CHUNK = 32  # groups of 4 inputs per chunk: two AVX-512 vectors of float32
 PAD = 15  # position nibble of a padding group
@@ -141,26 +140,23 @@ def in_features(values: torch.Tensor, meta: torch.Tensor) -> int:
     return stored_in_features(values[0, -1, 0, :16], values.shape[1])
 
 
-def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``to_layout``: the dense ``[out, in]`` weight, equal to ``Int24.dequantize()``."""
-    dense = torch.empty(values.shape[0] * 4, in_features(values, meta), dtype=torch.float32)
-    parallel(_compiled().expand, values.shape[0], dense.nbytes, values.numpy(), meta.numpy(), dense.numpy())
-    return dense
+KERNEL = "numba 2:4+INT4 kernel"
+
+
+def from_layout(values: torch.Tensor, meta: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The inverse of ``to_layout``: the dense ``[out, in]`` weight, equal to ``Int24.dequantize()`` (and to
+    its ``.to(dtype)``)."""
+    return expand(_compiled(), values, meta, in_features(values, meta), dtype)
 
 
 def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 + INT4 weight in ``(values, meta)`` layout, transposed, plus
-    ``bias`` (inference only: no gradient flows through the fused kernel). A float16 or bfloat16 model's
-    ``x`` (its checkpoint's dtype: the codes do not change with it) goes through ``half_in_float32``."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return half_in_float32(linear, x, values, meta, bias)
-    rows = cpu_rows(x, values, "numba 2:4+INT4 kernel")
-    if rows.shape[0] > fused_rows(values.shape[0] * 4, rows.shape[1]):
-        return F.linear(x, from_layout(values, meta), bias)  # F.linear checks the sizes
-    return fused(_compiled(), x, rows, values.numpy(), meta.numpy(), bias)
+    ``bias`` (inference only: no gradient flows through the fused kernel). Any dtype of ``x`` (a
+    checkpoint's: the codes do not change with it) as ``numba24.run`` takes it."""
+    return run(_compiled(), KERNEL, x, values, meta, in_features(values, meta), bias)
 
 
 def bind(values: torch.Tensor, meta: torch.Tensor) -> Bound:
     """``linear`` for this layout, prepared once (see ``numba24.Bound``)."""
-    return Bound(_compiled(), linear, values, meta, in_features(values, meta))
+    return Bound(_compiled(), KERNEL, values, meta, in_features(values, meta))

@@ -7,13 +7,14 @@ GEMM, for each shape and number of rows M, and which of the two ``numba24.fused_
 
 With ``--checkpoint`` (a packed checkpoint, loaded in ``--dtype``) it times instead one forward of a random
 prompt of each length through the whole model: on the dense backend, and on the numba backend under the
-rules now, under the old fixed 16 rows (``numba24.MAX_FUSED_ROWS``) and, in bfloat16, with the float32
-expanded GEMMs of before; all taking turns, ``--repeats`` rounds.
+rules now, under the old fixed 16 rows (``numba24.MAX_FUSED_ROWS``), with each weight expanded whole
+(no tiles; up to 128 rows fused in float32) and, in bfloat16, with the float32 expanded GEMMs of before;
+all taking turns, ``--repeats`` rounds.
 
 Both sides run on the same layer (random 2:4 weights, INT4 codes for ``numba+int4``), hot in cache as
 prefill sees them (one weight, many rows); medians of ``--repeats`` calls. The fused kernel's time grows
-with M from the first row; expanding costs the weight's copy once (up to 2 ns per weight once it no longer
-fits in cache) and then a GEMM (in bfloat16 for a bfloat16 model: ~4× faster here), so the crossover moves
+with M from the first row; expanding (``numba24.expanded_linear``: a tile of the weight at a time) costs
+the weight's copy once and then a GEMM (in bfloat16 for a bfloat16 model: ~4× faster here), so the crossover moves
 to more rows as the weight grows, and to fewer in bfloat16.
 """
 from __future__ import annotations
@@ -26,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -56,8 +56,10 @@ def prompt_forwards(checkpoint: str, prompt_lens: list[int], repeats: int, dtype
     models = {"dense": llmprune.load(checkpoint, device="cpu", dtype=dtype, backend="dense"),
               "numba": llmprune.load(checkpoint, device="cpu", dtype=dtype, backend="numba")}
     vocab = models["dense"].config.vocab_size
+    whole = {"TILE_BYTES": 1 << 62, "FUSED_ROWS": {**numba24.FUSED_ROWS, torch.float32: (128, 256 << 10)}}
     rules = {"dense backend": ("dense", {}), "numba, now": ("numba", {}),
-             "numba, 16 rows": ("numba", {"fused_rows": lambda *shape: numba24.MAX_FUSED_ROWS})}
+             "numba, 16 rows": ("numba", {"fused_rows": lambda *shape: numba24.MAX_FUSED_ROWS}),
+             "numba, whole expansion": ("numba", whole)}
     if dtype == "bfloat16":
         rules["numba, float32 GEMMs"] = ("numba", {"gemm_dtype": lambda dtype: torch.float32})
     rows = []
@@ -129,7 +131,8 @@ def main() -> None:
             for m in ms:
                 x = torch.randn(m, in_features, generator=generator).to(dtype)
                 fused = median_ms(lambda: numba24.fused(kernel._compiled(), x, x.float(), *arrays, None), args.repeats)
-                expanded = median_ms(lambda: F.linear(x, kernel.from_layout(values, meta, dtype)), args.repeats)
+                expanded = median_ms(lambda: numba24.expanded_linear(kernel._compiled(), x, values, meta, in_features,
+                                                                     None), args.repeats)
                 row = {"kernel": name, "out": out_features, "in": in_features, "dtype": args.dtype,
                        "fused_rows": limit, "m": m,
                        "fused_ms": round(fused, 3), "expanded_ms": round(expanded, 3)}

@@ -79,7 +79,9 @@ def test_a_large_layer_runs_more_rows_fused(monkeypatch) -> None:
     """Prefill rows run fused until expanding the weight pays, later for a weight whose expansion leaves
     the cache; the fast path (``SparseLinear``'s bound call) and ``linear`` draw the line at the same row."""
     assert [numba24.fused_rows(*shape) for shape in ((576, 576), (1536, 576), (2048, 2048), (5632, 2048),
-                                                     (4096, 4096), (11008, 4096))] == [16, 16, 64, 128, 128, 128]
+                                                     (4096, 4096), (11008, 4096))] == [16, 16, 64, 64, 64, 64]
+    assert [numba24.fused_rows(*shape, torch.bfloat16) for shape in ((2048, 2048), (5632, 2048), (4096, 4096))] == [
+        16, 44, 64]  # bfloat16 GEMMs are faster: expanding pays sooner
     weight = random_24(512, 2304, seed=3)  # 4.5 MiB in float32: 18 rows fused
     layer = SparseLinear(weight, backend="numba", name="large")
     expanded = []
@@ -196,3 +198,19 @@ def test_a_bfloat16_checkpoint_runs_the_kernel_as_stored(tmp_path) -> None:
             got, expected = sparse(ids).logits, dense(ids).logits
             assert got.dtype == torch.bfloat16
             torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_in_tiles_equals_one_gemm(monkeypatch, dtype) -> None:
+    """Prefill expands the weight a tile of rows at a time and multiplies each tile into its rows of yᵀ;
+    with tiles of 2 blocks (8 tiles, the last one short) the result is ``F.linear``'s, bit for bit."""
+    monkeypatch.setattr(numba24, "TILE_BYTES", 4 * 200 * 2 * dtype.itemsize)
+    weight = random_24(60, 200, seed=6).to(dtype)
+    bias = torch.randn(60, generator=torch.Generator().manual_seed(3)).to(dtype)
+    values, meta = numba24.to_layout(weight)
+    x = torch.randn(2, 9, 200, generator=torch.Generator().manual_seed(4)).to(dtype)  # 18 rows: expanded
+    for b in (None, bias):
+        y = numba24.linear(x, values, meta, b)
+        assert y.shape == (2, 9, 60) and y.is_contiguous() and torch.equal(y, F.linear(x, weight, b))
+    with pytest.raises(LLMPruneError, match="x has 204 input features; the 2:4 weight takes 200"):
+        numba24.linear(torch.randn(18, 204).to(dtype), values, meta)

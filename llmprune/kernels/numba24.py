@@ -16,8 +16,8 @@ array per row would be a dozen streams per block, and measured half the bandwidt
 split into their four residues mod 4, so the kernel never gathers: for each group it loads all four,
 selects the two the positions name (blends) and accumulates two FMAs, 16 groups per vector. For a few
 rows of ``x`` (decode with a small batch) the panel stays in L1/L2 while every row of ``x`` passes over
-it; for more rows (prefill: past ``fused_rows``, 16 to 128 by the weight's size) the weight is expanded
-to dense once per call and ``F.linear`` does the GEMM, since a dense GEMM is compute-bound there and
+it; for more rows (prefill: past ``fused_rows``, 16 to 64 by the weight's size) the weight is expanded
+to dense a tile at a time and torch's GEMM multiplies each tile, since a dense GEMM is compute-bound there and
 2:4 saves no arithmetic on CPU.
 
 Threads: the compiled kernels are serial; ``parallel`` (below, shared with ``numba24q4``) runs them on
@@ -34,7 +34,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import LLMPruneError
 from ..packing import stored_positions
@@ -42,8 +41,9 @@ from ..packing import stored_positions
 MAX_FUSED_ROWS = 16  # rows of x every layer runs fused (eval/results/q4_kernels.md)
 # A large layer runs more, up to a cap, one more row per so many bytes of its float32 weight, by the dtype of
 # the GEMM that expanding would run: bfloat16 GEMMs are ~4× faster here, so expanding pays sooner
-# (eval/RESULTS.md, "Prefill").
-FUSED_ROWS = {torch.float32: (128, 256 << 10), torch.bfloat16: (64, 1 << 20)}  # dtype → (cap, bytes per row)
+# (eval/RESULTS.md, "Prefill" and "Prefill in tiles").
+FUSED_ROWS = {torch.float32: (64, 256 << 10), torch.bfloat16: (64, 1 << 20)}  # dtype → (cap, bytes per row)
+TILE_BYTES = 16 << 20  # of the dense weight expanded at a time for prefill (``expanded_linear``)
 LANES = 16  # groups per chunk (one AVX-512 vector of float32)
 PAD = 255  # meta code of a padding group
 LAYOUT_DTYPES = (torch.float32, torch.bfloat16)  # of the kept values (bfloat16 widened to float32 in registers)
@@ -211,8 +211,8 @@ def parallel(kernel, blocks: int, work: int, *args) -> None:
 
 def fused_rows(out_features: int, in_features: int, dtype: torch.dtype = torch.float32) -> int:
     """How many rows of x (of ``dtype``) a layer runs fused before expanding its weight pays: at least
-    ``MAX_FUSED_ROWS``, more for a weight whose expansion (written, then read by the GEMM) falls out of
-    cache, where it costs up to 2 ns per weight against 0.02 per weight and row in the fused kernel."""
+    ``MAX_FUSED_ROWS``, more for a large weight, whose expansion costs more than the GEMM saves on the
+    first rows (measured: ``scripts/bench_prefill_rows.py``)."""
     cap, bytes_per_row = FUSED_ROWS[gemm_dtype(dtype)]
     return max(MAX_FUSED_ROWS, min(cap, out_features * in_features * 4 // bytes_per_row))
 
@@ -229,12 +229,38 @@ def array(tensor: torch.Tensor) -> np.ndarray:
     return (tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor).detach().numpy()
 
 
-def expand(kernels, values: torch.Tensor, meta: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """The dense ``[out, in]`` weight of a panel layout in ``dtype`` (float32 or bfloat16: rounded to
-    nearest even, as ``Tensor.to`` rounds), written by ``kernels.expand``."""
-    dense = torch.empty(values.shape[0] * 4, in_features, dtype=dtype)
+def expand(kernels, values: torch.Tensor, meta: torch.Tensor, in_features: int, dtype: torch.dtype,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense ``[out, in]`` weight of a panel layout (or of its blocks ``values``/``meta`` hold) in ``dtype``
+    (float32 or bfloat16: rounded to nearest even, as ``Tensor.to`` rounds), written by ``kernels.expand``
+    into ``out`` when given."""
+    dense = torch.empty(values.shape[0] * 4, in_features, dtype=dtype) if out is None else out
     parallel(kernels.expand, values.shape[0], dense.nbytes, array(values), array(meta), array(dense))
     return dense
+
+
+def expanded_linear(kernels, x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features: int,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """``x·Wᵀ + b`` for prefill-sized ``x``: the weight expanded ``TILE_BYTES`` at a time, in ``gemm_dtype``,
+    each tile multiplied while it is in cache. One whole dense copy would be written out to memory and read
+    back, and past glibc's mmap threshold (32 MiB at most) every call maps it afresh and faults in every page:
+    12 ms of a 15 ms float32 expansion of 5632 × 2048 (eval/RESULTS.md, "Prefill in tiles")."""
+    if x.shape[-1] != in_features:
+        raise LLMPruneError(f"x has {x.shape[-1]} input features; the 2:4 weight takes {in_features}")
+    dtype = gemm_dtype(x.dtype)
+    rows = x.detach().reshape(-1, in_features).to(dtype)
+    blocks = values.shape[0]
+    step = max(1, TILE_BYTES // (4 * in_features * rows.element_size()))  # blocks of 4 rows per tile
+    tile = torch.empty(4 * min(step, blocks), in_features, dtype=dtype)
+    transposed = torch.empty(4 * blocks, rows.shape[0], dtype=dtype)  # yᵀ: each tile's rows are contiguous
+    for start in range(0, blocks, step):
+        stop = min(start + step, blocks)
+        weight = expand(kernels, values[start:stop], meta[start:stop], in_features, dtype, tile[:4 * (stop - start)])
+        if bias is None:
+            torch.mm(weight, rows.T, out=transposed[4 * start:4 * stop])
+        else:
+            torch.addmm(bias[4 * start:4 * stop, None].to(dtype), weight, rows.T, out=transposed[4 * start:4 * stop])
+    return transposed.T.contiguous().view(*x.shape[:-1], 4 * blocks).to(x.dtype)
 
 
 def fused(kernels, x: torch.Tensor, rows: torch.Tensor, values: np.ndarray, meta: np.ndarray,
@@ -263,7 +289,8 @@ def run(kernels, kernel: str, x: torch.Tensor, values: torch.Tensor, meta: torch
         bias: torch.Tensor | None) -> torch.Tensor:
     """``linear`` of a panel layout (both numba kernels): up to ``fused_rows`` rows of ``x`` in the fused
     kernel, which computes in float32 from the exact weights whatever ``x``'s dtype; more (prefill) through
-    the weight expanded for this call and ``F.linear`` in ``gemm_dtype``. ``kernel`` names it in errors."""
+    the weight expanded for this call, a tile at a time, and torch's GEMM in ``gemm_dtype``
+    (``expanded_linear``). ``kernel`` names it in errors."""
     if values.device.type != "cpu" or x.device.type != "cpu":
         raise LLMPruneError(f"the {kernel} runs on CPU (weight on {values.device.type}, x on {x.device.type}); "
                             "load the checkpoint on the target device with backend='auto'")
@@ -271,9 +298,7 @@ def run(kernels, kernel: str, x: torch.Tensor, values: torch.Tensor, meta: torch
         raise LLMPruneError(f"the {kernel} takes float32, bfloat16 or float16 inputs, got {x.dtype}")
     rows = x.detach().reshape(-1, x.shape[-1])
     if rows.shape[0] > fused_rows(values.shape[0] * 4, in_features, x.dtype):
-        dtype = gemm_dtype(x.dtype)
-        weight = expand(kernels, values, meta, in_features, dtype)
-        return F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype)).to(x.dtype)  # checks the sizes
+        return expanded_linear(kernels, x, values, meta, in_features, bias)
     return fused(kernels, x, rows.float(), array(values), array(meta), bias)
 
 

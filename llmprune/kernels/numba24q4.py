@@ -25,7 +25,8 @@ Why it is fast: as in ``numba24``, a block's panel is one contiguous stream, and
 its four residues mod 4 so the inputs are picked with blends, 16 groups per AVX-512 vector, shared by
 the block's 4 rows; the codes are converted and scaled in registers. At one row of x the kernel is
 bound by those instructions more than by memory (eval/results/q4_kernels.md). More rows than
-``numba24.fused_rows`` (prefill) expand the weight to dense for that call and run ``F.linear``.
+``numba24.fused_rows`` (prefill) expand the weight to dense a tile at a time and run torch's GEMM
+(``numba24.expanded_linear``).
 """
 from __future__ import annotations
 

@@ -252,3 +252,24 @@ def test_compiled_n_m_selection_breaks_ties_and_ranks_nan_as_torch(pattern: NM) 
              errors.numpy(), empty.to(torch.uint8).numpy(), empty.numpy(), empty.numpy(), torch.zeros(1).numpy(),
              0, 0, 32, pattern.n, pattern.m, 32, 0, False)
     assert torch.equal(keep, expected)
+
+
+def test_an_unstructured_block_prunes_its_members_among_each_rows_lowest_scores() -> None:
+    """The block mask from thresholds equals ranking every remaining column by (score, index) and pruning
+    the block members ranked below the row's budget: ties in index order, budgets from 0 to all."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        rows, remaining = int(torch.randint(1, 12, (1,), generator=generator)), int(torch.randint(4, 80, (1,), generator=generator))
+        width = int(torch.randint(1, remaining + 1, (1,), generator=generator))
+        if trial % 2:  # few distinct values: many ties, at the threshold too
+            scores = torch.randint(0, 4, (rows, remaining), generator=generator).double()
+        else:
+            scores = torch.rand(rows, remaining, generator=generator)
+        budget = torch.randint(0, remaining + 1, (rows, 1), generator=generator)
+        expected = torch.ones(rows, width, dtype=torch.bool)
+        for r in range(rows):
+            ranked = sorted(range(remaining), key=lambda j: (float(scores[r, j]), j))
+            for j in ranked[:int(budget[r])]:
+                if j < width:
+                    expected[r, j] = False
+        assert torch.equal(sparsegpt._keep_in_block(scores, budget, width), expected), trial

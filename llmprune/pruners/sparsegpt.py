@@ -440,7 +440,21 @@ def _sum_in_order(terms: list[torch.Tensor]) -> float:
 
 def _keep_in_block(scores: torch.Tensor, budget: torch.Tensor, width: int) -> torch.Tensor:
     """Keep-mask ``[out, width]`` of a block: each row prunes the block's members among its ``budget``
-    (``[out, 1]``) lowest ``scores`` over all remaining columns ``[out, remaining]`` (ties → lower index)."""
-    order = torch.sort(scores, dim=-1, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return rank[:, :width] >= budget
+    (``[out, 1]``) lowest ``scores`` over all remaining columns ``[out, remaining]`` (ties → lower index,
+    as a stable sort ranks them).
+
+    Only each row's threshold matters, not the order of everything: the ``budget``-th lowest score ``t``
+    (one ``kthvalue`` for all rows, each row padded below its scores up to the largest budget), then a
+    member is pruned when below ``t``, or at ``t`` among the first ``budget − #below`` ties. Half the time
+    of ranking every column with a stable sort (eval/RESULTS.md)."""
+    most = int(budget.max())
+    if most == 0:
+        return torch.ones(scores.shape[0], width, dtype=torch.bool, device=scores.device)
+    padding = torch.arange(most, device=scores.device)[None, :] < most - budget  # [out, most]: below every score
+    low = torch.tensor(-1.0, dtype=scores.dtype, device=scores.device)
+    padded = torch.cat([scores, torch.where(padding, low, torch.inf).to(scores.dtype)], 1)
+    threshold = padded.kthvalue(most, dim=-1, keepdim=True).values
+    members = scores[:, :width]
+    tied = members == threshold
+    ties_before = tied.cumsum(-1) - tied.to(torch.int64)
+    return ~((members < threshold) | (tied & (ties_before < budget - (scores < threshold).sum(-1, keepdim=True))))

@@ -451,8 +451,7 @@ def _keep_in_block(scores: torch.Tensor, budget: torch.Tensor, width: int) -> to
     if most == 0:
         return torch.ones(scores.shape[0], width, dtype=torch.bool, device=scores.device)
     padding = torch.arange(most, device=scores.device)[None, :] < most - budget  # [out, most]: below every score
-    low = torch.tensor(-1.0, dtype=scores.dtype, device=scores.device)
-    padded = torch.cat([scores, torch.where(padding, low, torch.inf).to(scores.dtype)], 1)
+    padded = torch.cat([scores, torch.where(padding, -1.0, torch.inf).to(scores.dtype)], 1)
     threshold = padded.kthvalue(most, dim=-1, keepdim=True).values
     members = scores[:, :width]
     tied = members == threshold

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--window-stride", type=int, default=1, help="score every k-th window only (protocol subset: 8)")
     evaluate.add_argument("--backend", default="auto", choices=BACKENDS,
                           help="how packed 2:4 layers compute: CUDA 2:4 kernels (semi-structured), our Triton (CUDA) or numba "
-                               "(CPU) decode kernels, exact dense, or auto (default: semi-structured on CUDA, numba on CPU, where they apply)")
+                               "(CPU) decode kernels, exact dense, or auto (default: numba on CPU where it applies; on CUDA dense, triton for 2:4+INT4)")
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file (llmprune compare --results reads it)")
     _add_common(evaluate)
     evaluate.set_defaults(batch_size=None)
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(magnitude) copy of itself.")
     bench.add_argument("model", help="packed checkpoint directory, or a dense model (local dir, .gguf, Hub id)")
     bench.add_argument("--backend", default="auto", choices=BACKENDS,
-                       help="sparse backend of the sparse model (default auto: semi-structured on CUDA, numba on CPU, where they apply)")
+                       help="sparse backend of the sparse model (default auto: numba on CPU where it applies; on CUDA dense, triton for 2:4+INT4)")
     bench.add_argument("--ms", default=",".join(map(str, GEMM_MS)), help="GEMM rows M (batch × tokens), comma-separated")
     bench.add_argument("--batch-sizes", default="1,8,32", help="decode batch sizes, comma-separated (default 1,8,32)")
     bench.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
@@ -406,7 +407,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
                   "threads": torch.get_num_threads(), "sparse_backends_run": ran, "packed": packed,
                   "gemm": gemm, "decode": decode}
         Path(args.json).write_text(json.dumps(record, indent=1))
-    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    # The plot beside --json is a bonus that needs matplotlib (the eval extra); --plot asks for it.
+    beside = args.json and importlib.util.find_spec("matplotlib") is not None
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if beside else None)
     if plot:
         plot_speedups(gemm, plot)
         print(f"plot: {plot}")

@@ -192,5 +192,23 @@ def test_dry_run_passes_end_to_end(tmp_path: Path) -> None:
     selected = re.search(r"\| (\d+) tests in test_\w+.*: \d+ passed, 0 failed, \d+ skipped", cuda_row)
     assert selected and int(selected.group(1)) > 0, cuda_row  # it found the tests that need CUDA
     written = {path.name for path in tmp_path.iterdir()}
-    assert {"summary.md", "gpu_check.log", "gemm.json", "bench.json", "cuda_tests.xml"} <= written
+    assert {"summary.md", "gpu_check.log", "gemm.json", "bench-packed-wanda-24.json", "bench-packed-magnitude-24-w4.json",
+            "cuda_tests.xml"} <= written
     assert json.loads((tmp_path / "gemm.json").read_text())["gemm"]
+
+
+# --- tune_triton.py ---------------------------------------------------------------------------------------
+
+def test_tune_triton_checks_each_configuration_and_reports_the_defaults(tmp_path: Path) -> None:
+    pytest.importorskip("triton", reason="triton is not installed")
+    out = tmp_path / "tune.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "tune_triton.py"), "--device", "cpu", "--dtype", "float32",
+                           "--shapes", "32x256", "--ms", "1,2", "--quick", "--pool-mb", "0", "--repeats", "2",
+                           "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["kernel"] for row in rows} == {"triton24", "triton24q4"}
+    assert len(rows) == 2 * 2 * 2  # two configurations, two Ms, per kernel
+    assert "#### triton24 (default block_n=32, block_k=128)" in proc.stdout
+    assert "#### triton24q4 (default block_n=16, step=4)" in proc.stdout

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapter import ModelAdapter
+from ..errors import LLMPruneError
 from ..packing import Int24, int24_from
 from ..patterns import NM
 from ..sparse_linear import SparseLinear
@@ -246,7 +247,10 @@ def decode_table(rows: list[dict]) -> str:
 
 def plot_speedups(rows: list[dict], path) -> None:
     """Speedup against M, one line per (shape, backend), with the byte ceiling."""
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise LLMPruneError("the speedup plot needs matplotlib: pip install 'llmprune[eval]'") from exc
 
     figure = Figure(figsize=(7, 4.5))
     axes = figure.add_subplot()

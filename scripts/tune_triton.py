@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Block sizes of the two Triton decode kernels, timed on the GPU: every (BLOCK_N, BLOCK_K) of the 2:4
+kernel (``kernels.triton24``) and every (BLOCK_N, STEP) of the 2:4 + INT4 kernel (``kernels.triton24q4``)
+on the Llama-2-7B shapes at small M, against dense ``F.linear`` in the same dtype.
+
+The kernels' defaults were chosen without a GPU; this is the measurement that replaces the guess.
+
+    python scripts/tune_triton.py --json eval/results/tune_triton.json          (GPU machine)
+    TRITON_INTERPRET=1 python scripts/tune_triton.py --device cpu --shapes 32x128 --ms 1 --quick   (smoke test)
+
+Weights stream from memory as in decode: each call takes the next of a pool of copies holding at least
+``--pool-mb`` of dense weights (H200: 60 MB of L2). Every configuration's output is checked against the
+dense product first (a configuration that computes something else must not win). The table gives, per
+shape and M, the dense time, the default configuration's time and the best configuration's; the last
+table, the configuration with the best geometric-mean time over all cases.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmprune.eval.speed import median_seconds, random_24, random_int24
+from llmprune.kernels import triton24, triton24q4
+
+LLAMA_7B = "4096x4096,11008x4096,4096x11008"
+# name: (its module, the two block-size keywords of its `linear`, their candidate values)
+KERNELS = {
+    "triton24": (triton24, ("block_n", "block_k"), ((16, 32, 64, 128), (64, 128, 256))),
+    "triton24q4": (triton24q4, ("block_n", "step"), ((8, 16, 32, 64), (1, 2, 4))),
+}
+QUICK = {"triton24": ((16, 32), (64,)), "triton24q4": ((8, 16), (1,))}
+
+
+def defaults(linear: Callable, keys: tuple[str, str]) -> tuple[int, int]:
+    """The block sizes ``linear`` uses when not told (its keyword defaults)."""
+    kwdefaults = linear.__defaults__ or ()
+    names = linear.__code__.co_varnames[:linear.__code__.co_argcount]
+    table = dict(zip(names[-len(kwdefaults):], kwdefaults))
+    return table[keys[0]], table[keys[1]]
+
+
+def layouts(kernel: str, weight: torch.Tensor, copies: int, generator: torch.Generator) -> list[tuple]:
+    """``copies`` (values, meta) layouts of ``weight`` for ``kernel``, and the dense weight they stand for."""
+    module = KERNELS[kernel][0]
+    if kernel == "triton24q4":
+        q = random_int24(weight, generator)
+        layout = module.to_layout(q)
+        dense = q.dequantize().to(weight.dtype)
+    else:
+        layout = module.to_layout(weight)
+        dense = weight
+    return [tuple(t.clone() for t in layout) for _ in range(copies)], dense
+
+
+def tune(kernel: str, shapes: list[tuple[int, int]], ms: list[int], dtype: torch.dtype, device: torch.device,
+         pool_bytes: int, repeats: int, candidates: tuple[tuple[int, ...], tuple[int, ...]]) -> list[dict]:
+    """One row per (shape, M, configuration): median µs, and dense F.linear's."""
+    module, keys, _ = KERNELS[kernel]
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for out_features, in_features in shapes:
+        weight = random_24(out_features, in_features, dtype, device, generator)
+        copies = max(1, -(-pool_bytes // (weight.numel() * weight.element_size())))
+        pool, dense = layouts(kernel, weight, copies, generator)
+        dense_pool = [dense.clone() for _ in range(copies)]
+        for m in ms:
+            xs = [torch.randn(m, in_features, generator=generator).to(device=device, dtype=dtype) for _ in range(4)]
+            dense_s = median_seconds(lambda i: F.linear(xs[i % 4], dense_pool[i % copies]), device, repeats, 5)
+            expected = F.linear(xs[0].float(), dense.float())
+            for first, second in itertools.product(*candidates):
+                options = {keys[0]: first, keys[1]: second}
+                got = module.linear(xs[0], *pool[0], **options).float()
+                error = ((got - expected).norm() / expected.norm()).item()
+                if not error < 2e-2:
+                    raise SystemExit(f"{kernel} {options} at {out_features}x{in_features}, M={m}: output differs "
+                                     f"from the dense product by {error:.2e}")
+                seconds = median_seconds(lambda i: module.linear(xs[i % 4], *pool[i % copies], **options), device,
+                                         repeats, 5)
+                rows.append({"kernel": kernel, "out": out_features, "in": in_features, "m": m, **options,
+                             "us": round(seconds * 1e6, 2), "dense_us": round(dense_s * 1e6, 2),
+                             "speedup": dense_s / seconds})
+    return rows
+
+
+def report(rows: list[dict], kernel: str) -> str:
+    """Per case: dense, default and best; then the configurations ranked by geometric-mean speedup."""
+    module, keys, _ = KERNELS[kernel]
+    default = defaults(module.linear, keys)
+    lines = [f"#### {kernel} (default {keys[0]}={default[0]}, {keys[1]}={default[1]})", "",
+             f"| shape | M | dense µs | default µs (×dense) | best µs (×dense) | best {keys[0]}, {keys[1]} |",
+             "|---|---:|---:|---:|---:|---|"]
+    cases = dict.fromkeys((r["out"], r["in"], r["m"]) for r in rows if r["kernel"] == kernel)
+    for out_features, in_features, m in cases:
+        mine = [r for r in rows if r["kernel"] == kernel and (r["out"], r["in"], r["m"]) == (out_features, in_features, m)]
+        best = min(mine, key=lambda r: r["us"])
+        base = next((r for r in mine if (r[keys[0]], r[keys[1]]) == default), None)
+        base_cell = f"{base['us']:.1f} ({base['speedup']:.2f}×)" if base else "not tried"
+        lines.append(f"| {out_features}x{in_features} | {m} | {best['dense_us']:.1f} | {base_cell} | "
+                     f"{best['us']:.1f} ({best['speedup']:.2f}×) | {best[keys[0]]}, {best[keys[1]]} |")
+    configs: dict[tuple[int, int], list[float]] = {}
+    for r in rows:
+        if r["kernel"] == kernel:
+            configs.setdefault((r[keys[0]], r[keys[1]]), []).append(math.log(r["speedup"]))
+    ranked = sorted(configs.items(), key=lambda item: -sum(item[1]) / len(item[1]))
+    lines += ["", f"| {keys[0]}, {keys[1]} | geomean ×dense over {len(cases)} cases |", "|---|---:|"]
+    lines += [f"| {a}, {b}{' (default)' if (a, b) == default else ''} | {math.exp(sum(v) / len(v)):.3f} |"
+              for (a, b), v in ranked[:6]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated: " + ", ".join(KERNELS))
+    parser.add_argument("--shapes", default=LLAMA_7B, help="OUTxIN,... (default the Llama-2-7B shapes)")
+    parser.add_argument("--ms", default="1,4,8", help="rows of x, comma-separated")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--pool-mb", type=int, default=512, help="dense weight bytes each case cycles through")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="two configurations per kernel (a smoke test)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+    ms = [int(m) for m in args.ms.split(",")]
+    rows: list[dict] = []
+    for kernel in args.kernels.split(","):
+        candidates = QUICK[kernel] if args.quick else KERNELS[kernel][2]
+        rows += tune(kernel, shapes, ms, dtype, device, args.pool_mb << 20, args.repeats, candidates)
+        print(report(rows, kernel) + "\n", flush=True)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": gpu, "dtype": args.dtype, "torch": torch.__version__,
+                                         "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

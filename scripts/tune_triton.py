@@ -6,7 +6,7 @@ on the Llama-2-7B shapes at small M, against dense ``F.linear`` in the same dtyp
 The kernels' defaults were chosen without a GPU; this is the measurement that replaces the guess.
 
     python scripts/tune_triton.py --json eval/results/tune_triton.json          (GPU machine)
-    TRITON_INTERPRET=1 python scripts/tune_triton.py --device cpu --shapes 32x128 --ms 1 --quick   (smoke test)
+    TRITON_INTERPRET=1 python scripts/tune_triton.py --device cpu --dtype float32 --shapes 32x256 --ms 1 --quick --pool-mb 0
 
 Weights stream from memory as in decode: each call takes the next of a pool of copies holding at least
 ``--pool-mb`` of dense weights (H200: 60 MB of L2). Every configuration's output is checked against the
@@ -17,6 +17,7 @@ table, the configuration with the best geometric-mean time over all cases.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import math
@@ -41,13 +42,12 @@ QUICK = {"triton24": ((16, 32), (64,)), "triton24q4": ((8, 16), (1,))}
 
 def defaults(linear: Callable, keys: tuple[str, str]) -> tuple[int, int]:
     """The block sizes ``linear`` uses when not told (its keyword defaults)."""
-    kwdefaults = linear.__defaults__ or ()
-    names = linear.__code__.co_varnames[:linear.__code__.co_argcount]
-    table = dict(zip(names[-len(kwdefaults):], kwdefaults))
-    return table[keys[0]], table[keys[1]]
+    parameters = inspect.signature(linear).parameters
+    return parameters[keys[0]].default, parameters[keys[1]].default
 
 
-def layouts(kernel: str, weight: torch.Tensor, copies: int, generator: torch.Generator) -> list[tuple]:
+def layouts(kernel: str, weight: torch.Tensor, copies: int,
+            generator: torch.Generator) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """``copies`` (values, meta) layouts of ``weight`` for ``kernel``, and the dense weight they stand for."""
     module = KERNELS[kernel][0]
     if kernel == "triton24q4":

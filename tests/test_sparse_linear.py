@@ -153,3 +153,13 @@ def test_a_numba_layer_cast_to_half_keeps_its_layout(quantized: bool, dtype) -> 
     assert dense.kernel.dtype == dtype  # the compact INT4 form is not
     assert not quantized or (dense.int_scales.dtype == torch.float16 and torch.equal(dense.quantized().scales,
                                                                                       weight.scales))
+
+
+def test_auto_on_cuda_is_dense_for_fp_and_triton_for_int4() -> None:
+    """What ``auto`` resolves to per device (no GPU needed: only the choice is tested). On CUDA a 2:4 fp
+    weight runs dense (no sparse kernel beat cuBLAS on the H200, eval/RESULTS.md), a 4-bit one stays 4-bit."""
+    from llmprune.kernels import auto_backend
+
+    assert auto_backend(torch.device("cuda")) == "dense"
+    assert auto_backend(torch.device("cuda"), quantized=True) == "triton"
+    assert auto_backend(torch.device("cpu")) == auto_backend(torch.device("cpu"), quantized=True) == "numba"

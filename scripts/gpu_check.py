@@ -33,9 +33,11 @@ Steps (each one row of the summary table; any failure makes the exit status 1):
    - the full 30-layer model pruned with Wanda 2:4 on CUDA, on ``semi-structured`` and ``triton``;
    - the same model pruned with magnitude 2:4 and quantized to 4 bits (GPTQ under the mask, group 128) on
      CUDA, on ``triton`` (the 2:4 + INT4 kernel) against its dequantized weights.
-5. ``scripts/bench_gemm.py`` in float16 on SmolLM2 and Llama-2-7B shapes, ``semi-structured``, ``triton`` and
+5. ``llmprune bench`` on each packed checkpoint (GEMMs on its shapes at M = 1..64, prefill and decode at batch
+   1, 4, 8), before the GEMM sweep: the first GPU check spent its time limit in that sweep's slow
+   ``semi-structured`` cases and never reached these.
+6. ``scripts/bench_gemm.py`` in float16 on SmolLM2 and Llama-2-7B shapes, ``semi-structured``, ``triton`` and
    ``triton+int4`` (the 2:4 + INT4 kernel) against dense F.linear; every case must have run its own kernel.
-6. ``llmprune bench`` on each packed checkpoint (GEMMs on its shapes, prefill and decode at batch 1, 4, 8, 32).
 
 It ends with one markdown table (date, GPU, driver, torch and CUDA versions in its heading) to paste
 into eval/RESULTS.md, and writes the details under ``--out`` (default ``$OUT``, the folder the device
@@ -115,7 +117,8 @@ REAL = Sizes(device="cuda", preset="smollm2", compare_layers=6, nsamples=16, seq
              backends=("semi-structured", "triton"), group_size=128,
              gemm_args=("--device", "cuda", "--dtype", "float16", "--ms", "1,4,8,16,64,256,1024,4096",
                         "--backends", "semi-structured,triton,triton+int4"),
-             bench_args=("--device", "cuda", "--dtype", "float16", "--backend", "triton", "--batch-sizes", "1,4,8,32"),
+             bench_args=("--device", "cuda", "--dtype", "float16", "--backend", "triton", "--ms", "1,4,8,16,64",
+                         "--batch-sizes", "1,4,8", "--new-tokens", "64"),
              step_timeout_s=300)
 DRY = Sizes(device="cpu", preset="tiny", compare_layers=None, nsamples=4, seqlen=64, batch_size=4,
             other_batch_size=2, eval_tokens=(2, 32), packed_tokens=(1, 4), load_dtype="float32",
@@ -508,9 +511,9 @@ STEPS: list[tuple[str, Callable[[Context], str]]] = [
     ("SparseGPT 2:4, CPU vs CUDA", step_sparsegpt),
     ("packed 2:4 on CUDA backends", functools.partial(step_packed_backends, packed=PACKED_24)),
     ("packed 2:4 + INT4 on CUDA", functools.partial(step_packed_backends, packed=PACKED_INT4)),
-    ("bench_gemm.py", step_bench_gemm),
     ("llmprune bench, 2:4", functools.partial(step_llmprune_bench, packed=PACKED_24)),
     ("llmprune bench, 2:4 + INT4", functools.partial(step_llmprune_bench, packed=PACKED_INT4)),
+    ("bench_gemm.py", step_bench_gemm),
 ]
 # A step that cannot run without an earlier one's output.
 NEEDS = {"Wanda 2:4, CPU vs CUDA": "synthetic models", "SparseGPT 2:4, CPU vs CUDA": "synthetic models",

@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "memory as in decode (default 256; 0 times one weight, hot in cache)")
     bench.add_argument("--no-ceiling", dest="ceiling", action="store_false",
                        help="skip the decode run with the 2:4 linears taking no time (the most 2:4 can gain end to end)")
+    bench.add_argument("--int4", action="store_true",
+                       help="with a dense model: the 2:4 copy's kept values become random 4-bit codes (a 2:4 + INT4 "
+                            "model of the same shapes, for speed only; a packed 2:4 + INT4 checkpoint needs no flag)")
     bench.add_argument("--quick", action="store_true", help="small run for a smoke test: M 1,16, batch 1, 16+8 tokens")
     bench.add_argument("--json", default=None, help="write the results here")
     bench.add_argument("--plot", default=None, help="PNG of GEMM speedup against M (default: next to --json)")
@@ -380,19 +383,23 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise LLMPruneError(f"{flag} must be a positive integer; got {value}")
     device = resolve_device(args.device)
     packed = Path(args.model).is_dir() and is_packed_checkpoint(args.model)
+    if packed and args.int4:
+        raise LLMPruneError(f"--int4 makes a 2:4 + INT4 copy of a dense model; {args.model} is a packed checkpoint, "
+                            f"timed in its own format")
     dense = load(args.model, device=device, dtype=args.dtype, backend="dense")
     sparse = (load(args.model, device=device, dtype=args.dtype, backend=args.backend) if packed
-              else sparse_copy(dense, args.backend))
+              else sparse_copy(dense, args.backend, int4=args.int4))
     dtype = next(p.dtype for p in dense.parameters() if p.is_floating_point())
     linears = ([m for m in sparse.modules() if isinstance(m, SparseLinear)] if packed
                else ModelAdapter(dense).all_linears().values())
     shapes = list(dict.fromkeys((linear.out_features, linear.in_features) for linear in linears))
-    int4 = packed and any(m.quantized() is not None for m in linears)  # a 2:4 + INT4 checkpoint: time both formats
+    int4 = args.int4 or packed and any(m.quantized() is not None for m in linears)  # 2:4 + INT4: time both formats
     backends = ["dense"] + ([] if args.backend == "dense" else list(sparse_backends(device, int4)))
     ran = sorted({m.backend for m in sparse.modules() if hasattr(m, "backend")})
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
           f"{torch.get_num_threads()} threads, {dtype}; sparse model: "
-          f"{'packed checkpoint' if packed else '2:4 magnitude copy of the dense model'}, backends run: {', '.join(ran)}")
+          f"{'packed checkpoint' if packed else '2:4 magnitude copy of the dense model' + (', random 4-bit codes' if args.int4 else '')}, "
+          f"backends run: {', '.join(ran)}")
     pool_mb = args.weight_pool_mb if args.weight_pool_mb is not None else (8 if args.quick else POOL_BYTES >> 20)
     if pool_mb < 0:
         raise LLMPruneError(f"--weight-pool-mb must be 0 or more; got {pool_mb}")

@@ -86,7 +86,7 @@ def test_semi_structured_backend_on_cuda(dtype):
     torch.testing.assert_close(sparse(x).float(), expected, rtol=2e-2, atol=2e-2)
     assert torch.equal(bits(sparse.weight), bits(weight))
     assert torch.equal(sparse.state_dict()["weight"], weight)
-    small = SparseLinear(random_24(8, 12, dtype=dtype).cuda(), backend="auto", name="tiny")
+    small = SparseLinear(random_24(8, 12, dtype=dtype).cuda(), backend="semi-structured", name="tiny")
     assert small.backend == "dense" and "multiple" in small.fallback_reason
 
 

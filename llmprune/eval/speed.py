@@ -2,7 +2,10 @@
 end-to-end prefill and decode, dense and sparse, in one run.
 
 Timing: CUDA events on CUDA, ``perf_counter`` on CPU; warm-up first, then the median of many
-repeats, each on a fresh random input (a rotating pool, never zeros). Decode streams every weight
+repeats, each on a fresh random input (a rotating pool, never zeros). On CUDA every case is also
+timed as CUDA-graph replays (``graph_seconds``, ``StaticDecode``): an eager call's time includes the
+host launching it (measured on an H200: 25-50 µs per GEMM call, more than the GEMV itself takes),
+which the graph removes, as a server that captures its decode step does. Decode streams every weight
 from memory once per token, so by default each call also takes the next of a pool of weight copies
 larger than any cache (``pool_bytes``); a single weight repeated would be timed from cache instead,
 which is what prefill-sized M see anyway. The byte ceiling is what a
@@ -13,6 +16,7 @@ fp32 for the numba layout's byte per group), for the backend that actually ran.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import statistics
 import time
@@ -79,6 +83,40 @@ def median_seconds(fn: Callable[[int], object], device: torch.device, repeats: i
     return statistics.median(times)
 
 
+def graph_seconds(fn: Callable[[int], object], calls: int, repeats: int = 20, warmup: int = 3) -> float:
+    """GPU seconds per call of ``fn(0)`` … ``fn(calls - 1)`` captured as one CUDA graph and replayed (median
+    over ``repeats`` replays): the kernels' time without the host's launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires (compiles, allocates)
+        for i in range(warmup):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / calls)
+    return statistics.median(times)
+
+
+def _graph_us(fn: Callable[[int], object], calls: int) -> tuple[float | None, str | None]:
+    """``graph_seconds`` in µs, or None and why when the work cannot be captured."""
+    try:
+        return round(graph_seconds(fn, calls) * 1e6, 2), None
+    except RuntimeError as exc:
+        torch.cuda.synchronize()
+        return None, str(exc).splitlines()[0][:200]
+
+
 def random_24(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device,
               generator: torch.Generator) -> torch.Tensor:
     """A random weight pruned 2:4 by magnitude (values do not matter for speed; the pattern does)."""
@@ -112,7 +150,8 @@ def gemm_benchmark(shapes: list[tuple[int, int]], ms: tuple[int, ...], backends:
                    pool_bytes: int = POOL_BYTES, progress: bool = True) -> list[dict]:
     """``y = x·Wᵀ`` for each ``[out, in]`` shape and each M (rows of x): dense ``F.linear`` against
     ``SparseLinear`` with each backend (``NAME+int4``: the 2:4 + INT4 kernels of that name). One row per
-    (shape, M, backend) with medians and speedups.
+    (shape, M, backend) with medians and speedups; on CUDA also ``*_graph_us`` and ``graph_speedup``,
+    the same calls timed as CUDA-graph replays (None, with ``graph_error``, where a side cannot be captured).
 
     Each side cycles through copies of its weight holding at least ``pool_bytes`` of dense weights
     (0: one weight, timed hot in cache)."""
@@ -130,28 +169,39 @@ def gemm_benchmark(shapes: list[tuple[int, int]], ms: tuple[int, ...], backends:
             pool = [torch.randn(m, in_features, generator=generator).to(device=device, dtype=dtype) + 0.1
                     for _ in range(4)]
             dense_s = median_seconds(lambda i: dense[i % copies](pool[i % 4]), device, repeats, warmup)
+            calls = max(copies, 8)
+            if device.type == "cuda":
+                dense_graph, dense_error = _graph_us(lambda i: dense[i % copies](pool[i % 4]), calls)
             for backend, sparse in modules.items():
                 sparse_s = median_seconds(lambda i: sparse[i % copies](pool[i % 4]), device, repeats, warmup)
                 ran = sparse[0].backend + (INT4 if INT4 in backend and sparse[0].backend != "dense" else "")
-                rows.append({"out": out_features, "in": in_features, "m": m, "backend": backend,
-                             "ran": ran, "weight_copies": copies, "dense_us": round(dense_s * 1e6, 2),
-                             "sparse_us": round(sparse_s * 1e6, 2), "speedup": round(dense_s / sparse_s, 3),
-                             "ceiling": round(byte_ceiling(dtype, ran), 3)})
+                row = {"out": out_features, "in": in_features, "m": m, "backend": backend,
+                       "ran": ran, "weight_copies": copies, "dense_us": round(dense_s * 1e6, 2),
+                       "sparse_us": round(sparse_s * 1e6, 2), "speedup": round(dense_s / sparse_s, 3),
+                       "ceiling": round(byte_ceiling(dtype, ran), 3)}
+                if device.type == "cuda":
+                    sparse_graph, error = _graph_us(lambda i: sparse[i % copies](pool[i % 4]), calls)
+                    row.update(dense_graph_us=dense_graph, sparse_graph_us=sparse_graph, graph_error=error or dense_error,
+                               graph_speedup=round(dense_graph / sparse_graph, 3) if dense_graph and sparse_graph else None)
+                rows.append(row)
             bar.update()
     bar.close()
     return rows
 
 
-def sparse_copy(model: nn.Module, backend: str) -> nn.Module:
-    """A copy of a dense model whose prunable linears are 2:4 (magnitude) ``SparseLinear`` modules,
-    for speed comparisons only."""
+def sparse_copy(model: nn.Module, backend: str, int4: bool = False, seed: int = 0) -> nn.Module:
+    """A copy of a dense model whose prunable linears are 2:4 (magnitude) ``SparseLinear`` modules, with
+    ``int4`` their kept values as random 4-bit codes (``random_int24``): for speed comparisons only."""
     sparse = copy.deepcopy(model)
     adapter = ModelAdapter(sparse)
+    generator = torch.Generator().manual_seed(seed)
     for name, prunable in adapter.all_linears().items():
         weight = prunable.weight.detach()
         weight = weight * NM(2, 4).keep_mask(weight.abs().float())
-        module = SparseLinear(weight, getattr(prunable.module, "bias", None), backend=backend, name=name,
-                              transposed=prunable.transposed)
+        if int4 and prunable.transposed:
+            raise LLMPruneError(f"{name}: the 2:4 + INT4 copy takes nn.Linear layers, not GPT-2 Conv1D ones")
+        module = SparseLinear(random_int24(weight, generator) if int4 else weight, getattr(prunable.module, "bias", None),
+                              backend=backend, name=name, transposed=prunable.transposed, dtype=weight.dtype)
         parent, _, child = name.rpartition(".")
         setattr(sparse.get_submodule(parent) if parent else sparse, child, module)
     return sparse
@@ -191,13 +241,96 @@ def _elapsed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - clock
 
 
+class StaticDecode:
+    """Greedy decoding on a static KV cache in which one step is a fixed sequence of kernels with no host
+    synchronisation: the next token, its position and the attention mask stay on the device, and each step
+    writes its token into ``tokens``. So on CUDA the step can be captured once as a CUDA graph and replayed
+    per token (``capture``), which is how a server removes the per-kernel launch overhead that dominates
+    eager decoding on a GPU.
+
+    The step passes the cache position, the position ids and a 4-D additive mask itself: transformers
+    versions differ in what they derive from the cache (some read its fill level back on the host, some
+    drop the mask for one-token queries, which a static cache's empty slots cannot afford)."""
+
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> None:
+        from transformers import StaticCache
+
+        batch, prompt_len = prompt.shape
+        self.model, self.new_tokens, self.prompt_len = model, new_tokens, prompt_len
+        cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
+        # transformers renamed past_key_values to cache (the old name warns on every call)
+        self.cache = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+        positions = torch.arange(prompt_len, device=prompt.device)
+        logits = model(prompt, cache_position=positions, use_cache=True, **self.cache).logits
+        self.tokens = torch.zeros(batch, new_tokens, dtype=torch.long, device=prompt.device)
+        self.tokens[:, 0] = logits[:, -1].argmax(-1)
+        self.position = positions[-1:] + 1  # of the token fed next
+        self.slots = torch.arange(prompt_len + new_tokens, device=prompt.device)
+        self.blocked = torch.finfo(logits.dtype if logits.is_floating_point() else torch.float32).min
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.steps = 0  # taken so far, eagerly or as replays
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def step(self) -> None:
+        """Feed the last token, append the next (eagerly; ``run`` replays this once captured)."""
+        batch = self.tokens.shape[0]
+        index = (self.position - self.prompt_len)[None, :].expand(batch, 1)
+        mask = torch.where(self.slots <= self.position, 0.0, self.blocked).to(self.dtype)
+        logits = self.model(self.tokens.gather(1, index), **self.cache, cache_position=self.position,
+                            position_ids=self.position[None, :].expand(batch, 1),
+                            attention_mask=mask.expand(batch, 1, 1, -1), use_cache=True).logits
+        self.tokens.scatter_(1, index + 1, logits[:, -1:].argmax(-1))
+        self.position.add_(1)
+        self.steps += 1
+
+    def capture(self, warmup: int = 2) -> None:
+        """Take ``warmup`` steps eagerly off the default stream (Triton compiles, allocations settle; capture
+        requires it), then record one step as a CUDA graph. Recording runs nothing, so no token is lost."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        steps = self.steps
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+        self.steps = steps
+
+    def run(self) -> torch.Tensor:
+        """The steps left; ``[batch, new_tokens]``: the greedy tokens after the prompt."""
+        while self.steps < self.new_tokens - 1:
+            if self.graph is None:
+                self.step()
+            else:
+                self.graph.replay()
+                self.steps += 1
+        return self.tokens
+
+
+def _graph_tok_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float | None, str | None]:
+    """Tokens/s of the captured decode step replayed, prefill and capture excluded; or None and why not."""
+    try:
+        decode = StaticDecode(model, prompt, new_tokens)
+        decode.capture()
+        steps = decode.new_tokens - 1 - decode.steps
+        seconds = _elapsed(decode.run, prompt.device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        torch.cuda.synchronize()
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return round(prompt.shape[0] * steps / seconds, 2), None
+
+
 @torch.inference_mode()
 def decode_benchmark(models: dict[str, nn.Module], batch_sizes: list[int], prompt_len: int, new_tokens: int,
                      device: torch.device, seed: int = 0, repeats: int = 3, progress: bool = True) -> list[dict]:
     """Prefill time and greedy decode tokens/s of each model on the same random prompts.
 
     The models take turns within each repeat (after one warm-up run each), so a noisy machine
-    slows them alike; decode time is the generate() time minus the prefill time (medians)."""
+    slows them alike; decode time is the generate() time minus the prefill time (medians). On CUDA each
+    row also has ``graph_tok_s``: the same greedy decode with its step replayed as a CUDA graph
+    (``StaticDecode``; the median of ``repeats`` runs), None with ``graph_error`` where capture fails."""
     rows: list[dict] = []
     bar = tqdm(total=len(batch_sizes) * (repeats + 1), desc="decode", unit="round", disable=not progress)
     for batch in batch_sizes:
@@ -214,34 +347,71 @@ def decode_benchmark(models: dict[str, nn.Module], batch_sizes: list[int], promp
                     times[label]["prefill"].append(prefill)
                     times[label]["total"].append(total)
             bar.update()
+        graphed: dict[str, list[tuple[float | None, str | None]]] = {label: [] for label in models}
+        if device.type == "cuda" and new_tokens > 1:
+            for _ in range(repeats):
+                for label, model in models.items():
+                    graphed[label].append(_graph_tok_s(model, prompt, new_tokens))
         for label in models:
             prefill, total = (statistics.median(times[label][k]) for k in ("prefill", "total"))
-            rows.append({"model": label, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-                         "prefill_ms": round(prefill * 1e3, 2),
-                         "decode_tok_s": round(batch * new_tokens / max(total - prefill, 1e-9), 2)})
+            row = {"model": label, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                   "prefill_ms": round(prefill * 1e3, 2),
+                   "decode_tok_s": round(batch * new_tokens / max(total - prefill, 1e-9), 2)}
+            if graphed[label]:
+                speeds = [tok_s for tok_s, _ in graphed[label] if tok_s is not None]
+                row.update(graph_tok_s=statistics.median(speeds) if speeds else None,
+                           graph_error=next((error for _, error in graphed[label] if error), None))
+            rows.append(row)
     bar.close()
     return rows
 
 
 def gemm_table(rows: list[dict]) -> str:
-    lines = ["| out × in | M | backend (ran) | dense µs | sparse µs | speedup | byte ceiling |", "|---|---:|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['out']} × {r['in']} | {r['m']} | {r['backend']} ({r['ran']}) | {r['dense_us']} | {r['sparse_us']} | "
-              f"{r['speedup']:.2f} | {r['ceiling']:.2f} |" for r in rows]
+    """The GEMM rows as markdown, with the CUDA-graph columns where they were timed."""
+    graphs = any("sparse_graph_us" in r for r in rows)
+    lines = ["| out × in | M | backend (ran) | dense µs | sparse µs | speedup | byte ceiling |"
+             + (" dense µs graph | sparse µs graph | graph speedup |" if graphs else ""),
+             "|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if graphs else "")]
+    for r in rows:
+        line = (f"| {r['out']} × {r['in']} | {r['m']} | {r['backend']} ({r['ran']}) | {r['dense_us']} | {r['sparse_us']} | "
+                f"{r['speedup']:.2f} | {r['ceiling']:.2f} |")
+        if graphs:
+            line += (f" {r.get('dense_graph_us') or 'n/a'} | {r.get('sparse_graph_us') or 'n/a'} | "
+                     f"{_ratio(r.get('dense_graph_us'), r.get('sparse_graph_us'))} |")
+        lines.append(line)
+    errors = sorted({f"{r['backend']}: {r['graph_error']}" for r in rows if r.get("graph_error")})
+    if errors:
+        lines.append("\nCUDA graph not captured: " + "; ".join(errors))
     return "\n".join(lines)
 
 
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}" if value and base else "n/a"
+
+
 def decode_table(rows: list[dict]) -> str:
-    """The decode rows as markdown, then, where a ``FREE`` row was timed, the ceiling it sets per batch."""
-    lines = ["| model | batch | prefill ms | decode tok/s | vs dense |", "|---|---:|---:|---:|---:|"]
-    dense = {r["batch"]: r["decode_tok_s"] for r in rows if r["model"] == "dense"}
+    """The decode rows as markdown (with the CUDA-graph columns where they were timed), then, where a
+    ``FREE`` row was timed, the ceiling it sets per batch."""
+    graphs = any("graph_tok_s" in r for r in rows)
+    lines = ["| model | batch | prefill ms | decode tok/s | vs dense |" + (" graph tok/s | vs dense |" if graphs else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|---:|" if graphs else "")]
+    dense = {r["batch"]: r for r in rows if r["model"] == "dense"}
     for r in rows:
-        ratio = r["decode_tok_s"] / dense[r["batch"]] if r["batch"] in dense else float("nan")
-        lines.append(f"| {r['model']} | {r['batch']} | {r['prefill_ms']} | {r['decode_tok_s']} | {ratio:.2f} |")
-    ceilings = [f"batch {r['batch']}: {r['decode_tok_s'] / dense[r['batch']]:.2f}x" for r in rows
-                if r["model"] == FREE and r["batch"] in dense]
-    if ceilings:
-        lines.append(f"\nceiling with the 2:4 linears taking no time ({'; '.join(ceilings)} dense): what remains is "
-                     f"the embedding, attention, norms, LM head, sampling and the framework")
+        base = dense.get(r["batch"], {})
+        line = (f"| {r['model']} | {r['batch']} | {r['prefill_ms']} | {r['decode_tok_s']} | "
+                f"{_ratio(r['decode_tok_s'], base.get('decode_tok_s'))} |")
+        if graphs:
+            line += f" {r.get('graph_tok_s') or 'n/a'} | {_ratio(r.get('graph_tok_s'), base.get('graph_tok_s'))} |"
+        lines.append(line)
+    for key, what in (("decode_tok_s", ""), ("graph_tok_s", ", CUDA graphs")):
+        ceilings = [f"batch {r['batch']}: {_ratio(r.get(key), dense[r['batch']].get(key))}x" for r in rows
+                    if r["model"] == FREE and r["batch"] in dense and r.get(key)]
+        if ceilings:
+            lines.append(f"\nceiling with the 2:4 linears taking no time{what} ({'; '.join(ceilings)} dense): what "
+                         f"remains is the embedding, attention, norms, LM head, sampling and the framework")
+    errors = sorted({f"{r['model']}: {r['graph_error']}" for r in rows if r.get("graph_error")})
+    if errors:
+        lines.append("\nCUDA graph not captured: " + "; ".join(errors))
     return "\n".join(lines)
 
 

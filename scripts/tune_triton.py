@@ -3,7 +3,7 @@
 kernel (``kernels.triton24``) and every (BLOCK_N, STEP) of the 2:4 + INT4 kernel (``kernels.triton24q4``)
 on the Llama-2-7B shapes at small M, against dense ``F.linear`` in the same dtype.
 
-The kernels' defaults were chosen without a GPU; this is the measurement that replaces the guess.
+On CUDA each configuration is timed as CUDA-graph replays (the kernel alone, without launch overhead).
 
     python scripts/tune_triton.py --json eval/results/tune_triton.json          (GPU machine)
     TRITON_INTERPRET=1 python scripts/tune_triton.py --device cpu --dtype float32 --shapes 32x256 --ms 1 --quick --pool-mb 0
@@ -17,33 +17,34 @@ table, the configuration with the best geometric-mean time over all cases.
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import json
 import math
 import platform
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from llmprune.eval.speed import median_seconds, random_24, random_int24
+from llmprune.eval.speed import graph_seconds, median_seconds, random_24, random_int24
 from llmprune.kernels import triton24, triton24q4
 
 LLAMA_7B = "4096x4096,11008x4096,4096x11008"
 # name: (its module, the two block-size keywords of its `linear`, their candidate values)
+# name: (its module, the two block-size keywords of its `linear`, their candidate values)
 KERNELS = {
-    "triton24": (triton24, ("block_n", "block_k"), ((16, 32, 64, 128), (64, 128, 256))),
-    "triton24q4": (triton24q4, ("block_n", "step"), ((8, 16, 32, 64), (1, 2, 4))),
+    "triton24": (triton24, ("block_n", "block_m"), ((8, 16, 32, 64), (1, 2, 4, 8))),
+    "triton24q4": (triton24q4, ("block_n", "block_m"), ((8, 16, 32, 64), (1, 2, 4, 8))),
 }
-QUICK = {"triton24": ((16, 32), (64,)), "triton24q4": ((8, 16), (1,))}
+QUICK = {"triton24": ((8, 16), (1,)), "triton24q4": ((8, 16), (1,))}
 
 
-def defaults(linear: Callable, keys: tuple[str, str]) -> tuple[int, int]:
-    """The block sizes ``linear`` uses when not told (its keyword defaults)."""
-    parameters = inspect.signature(linear).parameters
-    return parameters[keys[0]].default, parameters[keys[1]].default
+def defaults(m: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(block_n, block_m): what both kernels' ``linear`` picks for ``m`` rows of x when not told."""
+    from llmprune.kernels._triton_jit import blocks
+
+    block_m, block_n, _ = blocks(m, dtype)
+    return block_n, block_m
 
 
 def layouts(kernel: str, weight: torch.Tensor, copies: int,
@@ -82,9 +83,11 @@ def tune(kernel: str, shapes: list[tuple[int, int]], ms: list[int], dtype: torch
                 if not error < 2e-2:
                     raise SystemExit(f"{kernel} {options} at {out_features}x{in_features}, M={m}: output differs "
                                      f"from the dense product by {error:.2e}")
-                seconds = median_seconds(lambda i: module.linear(xs[i % 4], *pool[i % copies], **options), device,
-                                         repeats, 5)
+                call = lambda i: module.linear(xs[i % 4], *pool[i % copies], **options)  # noqa: E731
+                seconds = (graph_seconds(call, max(copies, 8)) if device.type == "cuda"
+                           else median_seconds(call, device, repeats, 5))
                 rows.append({"kernel": kernel, "out": out_features, "in": in_features, "m": m, **options,
+                             "dtype": str(dtype).removeprefix("torch."),
                              "us": round(seconds * 1e6, 2), "dense_us": round(dense_s * 1e6, 2),
                              "speedup": dense_s / seconds})
     return rows
@@ -93,14 +96,14 @@ def tune(kernel: str, shapes: list[tuple[int, int]], ms: list[int], dtype: torch
 def report(rows: list[dict], kernel: str) -> str:
     """Per case: dense, default and best; then the configurations ranked by geometric-mean speedup."""
     module, keys, _ = KERNELS[kernel]
-    default = defaults(module.linear, keys)
-    lines = [f"#### {kernel} (default {keys[0]}={default[0]}, {keys[1]}={default[1]})", "",
+    lines = [f"#### {kernel} (default: `_triton_jit.blocks` for each M)", "",
              f"| shape | M | dense µs | default µs (×dense) | best µs (×dense) | best {keys[0]}, {keys[1]} |",
              "|---|---:|---:|---:|---:|---|"]
     cases = dict.fromkeys((r["out"], r["in"], r["m"]) for r in rows if r["kernel"] == kernel)
     for out_features, in_features, m in cases:
         mine = [r for r in rows if r["kernel"] == kernel and (r["out"], r["in"], r["m"]) == (out_features, in_features, m)]
         best = min(mine, key=lambda r: r["us"])
+        default = defaults(m, getattr(torch, mine[0]["dtype"]))
         base = next((r for r in mine if (r[keys[0]], r[keys[1]]) == default), None)
         base_cell = f"{base['us']:.1f} ({base['speedup']:.2f}×)" if base else "not tried"
         lines.append(f"| {out_features}x{in_features} | {m} | {best['dense_us']:.1f} | {base_cell} | "
@@ -111,7 +114,7 @@ def report(rows: list[dict], kernel: str) -> str:
             configs.setdefault((r[keys[0]], r[keys[1]]), []).append(math.log(r["speedup"]))
     ranked = sorted(configs.items(), key=lambda item: -sum(item[1]) / len(item[1]))
     lines += ["", f"| {keys[0]}, {keys[1]} | geomean ×dense over {len(cases)} cases |", "|---|---:|"]
-    lines += [f"| {a}, {b}{' (default)' if (a, b) == default else ''} | {math.exp(sum(v) / len(v)):.3f} |"
+    lines += [f"| {a}, {b} | {math.exp(sum(v) / len(v)):.3f} |"
               for (a, b), v in ranked[:6]]
     return "\n".join(lines)
 

@@ -57,24 +57,29 @@ KERNEL_CHECK = textwrap.dedent('''
 def test_kernel_matches_the_dequantized_matmul_under_the_interpreter(tmp_path) -> None:
     pytest.importorskip("triton", reason="triton is not installed; the kernel test needs its interpreter")
     generator = torch.Generator().manual_seed(0)
-    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+    tolerance = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # 16-bit: the weights rounded or not
     cases = []
     for rows, columns, group_size, batch, dtype, bias, symmetric in [
             (8, 136, 4, (1,), torch.float32, True, False),      # a scale per group, a padded chunk
             (12, 576, 128, (2,), torch.float16, False, True),   # a half-padded last chunk
             (20, 392, 64, (2, 3), torch.bfloat16, True, False),  # 3-D x, a scale per 64 columns
             (5, 100, 100, (1,), torch.float32, False, True),    # group_size = in; out need not be a multiple of 4
-            (40, 640, 128, (8,), torch.float16, True, False)]:  # more chunks than one step, several rows of x
+            (40, 640, 128, (8,), torch.float16, True, False),   # several chunks, several rows of x
+            (24, 256, 128, (5,), torch.float32, True, False),   # rows of x not a multiple of the block
+            (72, 384, 128, (20,), torch.float16, True, False),  # tensor-core tiles (tl.dot), partial row blocks
+            (16, 256, 32, (3, 24), torch.float16, False, True)]:  # 72 rows of x: several dot blocks
+        # (bfloat16 tl.dot is checked on CUDA only: the interpreter's float32 → bfloat16 cast is wrong)
         q = random_int24(rows, columns, group_size, seed=rows, symmetric=symmetric)
         x = torch.randn(*batch, columns, generator=generator).to(dtype)
         b = torch.randn(rows, generator=generator).to(dtype) if bias else None
-        expected = F.linear(x.float(), q.dequantize(), None if b is None else b.float()).to(dtype)
+        # the weights rounded to x's dtype, as the dense backend holds them and tensor-core tiles take them
+        expected = F.linear(x.float(), q.dequantize().to(dtype).float(), None if b is None else b.float()).to(dtype)
         cases.append((q, x, b, expected, tolerance[dtype]))
     q = random_int24(8, 16, 16)
     x = torch.randn(1, 16, generator=generator)
-    x[0, 5] = float("nan")  # reaches exactly the rows that store column 5
-    expected = F.linear(x.nan_to_num(), q.dequantize())
-    expected[0, (q.columns() == 5).any(1)] = float("nan")
+    x[0, 5] = float("nan")  # a dense tile multiplies it by the zeros too: every output is NaN, as with F.linear
+    expected = F.linear(x, q.dequantize())
+    assert expected.isnan().all()
     cases.append((q, x, None, expected, 1e-5))
     torch.save(cases, tmp_path / "cases.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -102,7 +107,7 @@ def test_triton24q4_on_cuda(dtype) -> None:
     q = q._replace(**{field: getattr(q, field).cuda() for field in ("codes", "positions", "scales", "zeros")})
     values, meta = triton24q4.to_layout(q)
     weight = q.dequantize()
-    for m in (1, 4, 16):
+    for m in (1, 4, 16, 100):
         x = torch.randn(m, 4096, device="cuda", dtype=dtype)
         expected = F.linear(x.float(), weight).to(dtype)
         torch.testing.assert_close(triton24q4.linear(x, values, meta), expected, rtol=2e-2, atol=2e-2)

@@ -1,4 +1,4 @@
-"""A Triton 2:4 skinny GEMM for decode: ``y = x·Wᵀ (+ b)`` reading only the kept values and 2-bit positions.
+"""A Triton 2:4 GEMM, made for decode: ``y = x·Wᵀ (+ b)`` reading only the kept values and 2-bit positions.
 
 Layout (built once at load time from the packed checkpoint's values and bitmask):
 
@@ -8,10 +8,9 @@ Layout (built once at load time from the packed checkpoint's values and bitmask)
   each, 16 per word, value ``k`` of a row in bits ``2·(k mod 16)`` of word ``k // 16``.
 
 So a weight costs ``itemsize/2 + 1/8`` bytes per dense element instead of ``itemsize``: 9/16 in fp16,
-the bound a memory-bound GEMV can gain. Each program computes ``BLOCK_N`` output rows of one row of
-``x``: it streams ``BLOCK_K`` values and their metadata words per step (contiguous, vectorised loads),
-expands the positions, gathers the matching inputs from ``x`` (a few KiB, cache-resident) and
-accumulates in float32. Correctness is tested on CPU with ``TRITON_INTERPRET=1``.
+the bound a memory-bound GEMV can gain. The kernel (``_triton_jit.gemm24``) expands each step's kept
+values into a dense tile in registers and multiplies it with a contiguous slice of ``x``, for several
+rows of ``x`` at once. Correctness is tested on CPU with ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -66,51 +65,19 @@ def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return torch.zeros(out_features, half * 2, dtype=values.dtype, device=values.device).scatter_(1, columns, values)
 
 
-def _kernel():
-    """Compile lazily: importing triton is slow and optional."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gemv24(x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, out_features, half, stride_x, stride_y,
-               HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.program_id(1)
-        row_ok = rows < out_features
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        words_per_row = half // 16
-        for start in range(0, half, BLOCK_K):
-            kept = start + tl.arange(0, BLOCK_K)
-            ok = row_ok[:, None] & (kept < half)[None, :]
-            values = tl.load(values_ptr + rows[:, None] * half + kept[None, :], mask=ok, other=0.0)
-            word_index = start // 16 + tl.arange(0, BLOCK_K // 16)
-            words = tl.load(meta_ptr + rows[:, None] * words_per_row + word_index[None, :],
-                            mask=row_ok[:, None] & (word_index < words_per_row)[None, :], other=0)
-            shifts = tl.arange(0, 16) * 2
-            positions = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 3, (BLOCK_N, BLOCK_K))
-            columns = (kept // 2)[None, :] * 4 + positions
-            inputs = tl.load(x_ptr + m * stride_x + columns, mask=ok, other=0.0)
-            acc += tl.sum(values.to(tl.float32) * inputs.to(tl.float32), axis=1)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
-
-    return gemv24
-
-
-_COMPILED = None
-
-
 def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
-              block_n: int = 32, block_k: int = 128) -> torch.Tensor:
-    """``x`` ``[..., in]`` times the 2:4 weight in ``(values, meta)`` layout, transposed, plus ``bias``."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = _kernel()
+           block_n: int | None = None, block_m: int | None = None) -> torch.Tensor:
+    """``x`` ``[..., in]`` times the 2:4 weight in ``(values, meta)`` layout, transposed, plus ``bias``.
+    Block sizes default to ``_triton_jit.blocks`` for the rows of ``x`` (tensor cores from 16 rows on)."""
+    from . import _triton_jit
+
     out_features, half = values.shape
     flat = x.reshape(-1, half * 2).contiguous()
     y = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)
-    grid = ((out_features + block_n - 1) // block_n, flat.shape[0])
-    _COMPILED[grid](flat, values, meta, bias if bias is not None else values, y, out_features, half,
-                    flat.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k)
+    rows_m, rows_n, use_dot = _triton_jit.blocks(flat.shape[0], x.dtype)
+    block_m, block_n = block_m or rows_m, block_n or rows_n
+    grid = (-(-out_features // block_n), -(-flat.shape[0] // block_m))
+    _triton_jit.gemm24[grid](flat, values, meta, bias if bias is not None else values, y, flat.shape[0], out_features,
+                             half, flat.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
+                             BLOCK_N=block_n, USE_DOT=use_dot and block_m >= _triton_jit.DOT_M)
     return y.reshape(*x.shape[:-1], out_features)

@@ -1,4 +1,4 @@
-"""A Triton 2:4 + INT4 GEMV for decode: ``y = x·Wᵀ (+ b)`` from 4-bit codes, their positions and a
+"""A Triton 2:4 + INT4 GEMM, made for decode: ``y = x·Wᵀ (+ b)`` from 4-bit codes, their positions and a
 per-group scale grid, dequantized in registers (float16, bfloat16 or float32 ``x``, float32 sums).
 
 Layout: the chunk rows of ``numba24q4`` (its docstring has them byte for byte), kept row by row rather
@@ -12,12 +12,9 @@ than in panels of 4 rows:
   (``H`` = 1), per 64 columns (2) or per group (32).
 
 A weight costs 1.75 bytes per group of 4 inputs with a 128-column grid against 8 in float16: a byte
-ceiling of 4.6× for a memory-bound GEMV (5.3× without the grid). Each program computes ``BLOCK_N``
-output rows of one row of ``x``, streaming ``STEP`` chunks of every row per iteration (contiguous
-48-byte pieces: 16-byte vector loads), expanding the nibbles, gathering the named inputs from ``x``
-(a few KiB, cache-resident) and the row's grid pair (the same address across a chunk). The block
-sizes are untuned: no GPU was at hand when it was written. Correctness is tested on CPU with
-``TRITON_INTERPRET=1``.
+ceiling of 4.6× for a memory-bound GEMV (5.3× without the grid). The kernel (``_triton_jit.gemm24q4``)
+dequantizes one chunk row per step into a dense tile in registers and multiplies it with a contiguous
+slice of ``x``, for several rows of ``x`` at once. Correctness is tested on CPU with ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -62,59 +59,14 @@ def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return dense.reshape(out_features, -1)[:, :in_features].contiguous()
 
 
-def _kernel():
-    """Compile lazily: importing triton is slow and optional."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gemv24q4(x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, out_features, chunks, x_features, stride_x,
-                 stride_y, PAD: tl.constexpr, LANES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 STEP: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.program_id(1)
-        lane = tl.arange(0, 32)
-        grid_lane = (lane * LANES) >> 5  # the lane's (scale, offset) in its chunk row
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for first in range(0, chunks, STEP):
-            chunk = first + tl.arange(0, STEP)
-            ok = (rows < out_features)[:, None, None] & (chunk < chunks)[None, :, None]
-            row_chunk = rows[:, None, None] * chunks + chunk[None, :, None]
-            positions = tl.load(values_ptr + row_chunk * 48 + tl.arange(0, 16)[None, None, :], mask=ok,
-                                other=PAD | PAD << 4)
-            codes = tl.load(values_ptr + row_chunk * 48 + 16 + lane[None, None, :], mask=ok, other=0)
-            nibbles = tl.reshape(tl.permute(tl.join(positions & 15, positions >> 4), (0, 1, 3, 2)), (BLOCK_N, STEP, 32))
-            scale = tl.load(meta_ptr + row_chunk * (2 * LANES) + grid_lane[None, None, :], mask=ok, other=0.0)
-            offset = tl.load(meta_ptr + row_chunk * (2 * LANES) + LANES + grid_lane[None, None, :], mask=ok, other=0.0)
-            column = (chunk[None, :, None] * 32 + lane[None, None, :]) * 4
-            first_column = column + (nibbles & 3)
-            second_column = column + (nibbles >> 2)
-            real = ok & (nibbles != PAD) & (second_column < x_features)
-            inputs = x_ptr + m * stride_x
-            xa = tl.load(inputs + first_column, mask=real, other=0.0).to(tl.float32)
-            xb = tl.load(inputs + second_column, mask=real, other=0.0).to(tl.float32)
-            wa = (codes & 15).to(tl.float32) * scale + offset
-            wb = (codes >> 4).to(tl.float32) * scale + offset
-            acc += tl.sum(tl.sum(wa * xa + wb * xb, axis=2), axis=1)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=rows < out_features, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < out_features)
-
-    return gemv24q4
-
-
-_COMPILED = None
-
-
 def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
-           block_n: int = 16, step: int = 4) -> torch.Tensor:
+           block_n: int | None = None, block_m: int | None = None) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 + INT4 weight in ``(values, meta)`` layout, transposed, plus
     ``bias``, in ``x``'s dtype. ``in`` is checked against the number of chunks (the exact count sits in
     the padding nibbles on the device, and reading it back would synchronise every call); inputs are
-    read only up to ``x``'s width."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = _kernel()
+    read only up to ``x``'s width. Block sizes default to ``_triton_jit.blocks`` for the rows of ``x``."""
+    from . import _triton_jit
+
     out_features, chunks, _ = values.shape
     x_features = x.shape[-1]
     if -(-x_features // (4 * CHUNK)) != chunks:
@@ -125,8 +77,11 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torc
                             f"device ({values.device}); got {x.dtype} on {x.device}")
     flat = x.reshape(-1, x_features).contiguous()
     y = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)
-    grid = ((out_features + block_n - 1) // block_n, flat.shape[0])
-    _COMPILED[grid](flat, values, meta, bias if bias is not None else meta, y, out_features, chunks, x_features,
-                    flat.stride(0), y.stride(0), PAD=PAD, LANES=meta.shape[-1], HAS_BIAS=bias is not None,
-                    BLOCK_N=block_n, STEP=step)
+    rows_m, rows_n, use_dot = _triton_jit.blocks(flat.shape[0], x.dtype)
+    block_m, block_n = block_m or rows_m, block_n or rows_n
+    grid = (-(-out_features // block_n), -(-flat.shape[0] // block_m))
+    _triton_jit.gemm24q4[grid](flat, values, meta, bias if bias is not None else meta, y, flat.shape[0], out_features,
+                               chunks, x_features, flat.stride(0), y.stride(0), PAD=PAD, LANES=meta.shape[-1],
+                               HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                               USE_DOT=use_dot and block_m >= _triton_jit.DOT_M)
     return y.reshape(*x.shape[:-1], out_features)

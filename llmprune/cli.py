@@ -400,7 +400,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
           f"{torch.get_num_threads()} threads, {dtype}; sparse model: "
           f"{'packed checkpoint' if packed else '2:4 magnitude copy of the dense model' + (', random 4-bit codes' if args.int4 else '')}, "
           f"backends run: {', '.join(ran)}")
-    pool_mb = args.weight_pool_mb if args.weight_pool_mb is not None else (8 if args.quick else POOL_BYTES >> 20)
+    pool_mb = args.weight_pool_mb if args.weight_pool_mb is not None else (1 if args.quick else POOL_BYTES >> 20)
     if pool_mb < 0:
         raise LLMPruneError(f"--weight-pool-mb must be 0 or more; got {pool_mb}")
     gemm = gemm_benchmark(shapes, tuple(ms), backends, dtype, device, repeats=repeats, pool_bytes=pool_mb << 20,

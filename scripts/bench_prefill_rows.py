@@ -124,7 +124,7 @@ def main() -> None:
     for name, kernel in (("numba+int4", numba24q4), ("numba", numba24)):
         for out_features, in_features in shapes:
             layer = sparse_module(random_24(out_features, in_features, dtype, torch.device("cpu"), generator),
-                                  name, generator)
+                                  name, generator)[0]
             values, meta = layer.kernel.data, layer.meta
             arrays = (numba24.array(values), numba24.array(meta))
             limit = numba24.fused_rows(out_features, in_features, dtype)

@@ -21,12 +21,13 @@ import itertools
 import json
 import math
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from llmprune.eval.speed import graph_seconds, median_seconds, random_24, random_int24
+from llmprune.eval.speed import byte_ceiling, graph_seconds, median_seconds, random_24, random_int24
 from llmprune.kernels import triton24, triton24q4
 
 LLAMA_7B = "4096x4096,11008x4096,4096x11008"
@@ -36,6 +37,7 @@ KERNELS = {
     "triton24": (triton24, ("block_n", "block_m"), ((8, 16, 32, 64), (1, 2, 4, 8))),
     "triton24q4": (triton24q4, ("block_n", "block_m"), ((8, 16, 32, 64), (1, 2, 4, 8))),
 }
+FORMATS = {"triton24": "triton", "triton24q4": "triton+int4"}  # their names in eval.speed.byte_ceiling
 QUICK = {"triton24": ((8, 16), (1,)), "triton24q4": ((8, 16), (1,))}
 
 
@@ -69,12 +71,18 @@ def tune(kernel: str, shapes: list[tuple[int, int]], ms: list[int], dtype: torch
     rows = []
     for out_features, in_features in shapes:
         weight = random_24(out_features, in_features, dtype, device, generator)
-        copies = max(1, -(-pool_bytes // (weight.numel() * weight.element_size())))
-        pool, dense = layouts(kernel, weight, copies, generator)
+        dense_bytes = weight.numel() * weight.element_size()
+        copies = max(1, -(-pool_bytes // dense_bytes))
+        own = max(1, math.ceil(pool_bytes * byte_ceiling(dtype, FORMATS[kernel]) / dense_bytes))  # pool_bytes of its format
+        pool, dense = layouts(kernel, weight, own, generator)
         dense_pool = [dense.clone() for _ in range(copies)]
+
+        def timed(call: Callable[[int], object], calls: int) -> float:
+            return graph_seconds(call, max(calls, 8)) if device.type == "cuda" else median_seconds(call, device, repeats, 5)
+
         for m in ms:
             xs = [torch.randn(m, in_features, generator=generator).to(device=device, dtype=dtype) for _ in range(4)]
-            dense_s = median_seconds(lambda i: F.linear(xs[i % 4], dense_pool[i % copies]), device, repeats, 5)
+            dense_s = timed(lambda i: F.linear(xs[i % 4], dense_pool[i % copies]), copies)
             expected = F.linear(xs[0].float(), dense.float())
             for first, second in itertools.product(*candidates):
                 options = {keys[0]: first, keys[1]: second}
@@ -83,9 +91,7 @@ def tune(kernel: str, shapes: list[tuple[int, int]], ms: list[int], dtype: torch
                 if not error < 2e-2:
                     raise SystemExit(f"{kernel} {options} at {out_features}x{in_features}, M={m}: output differs "
                                      f"from the dense product by {error:.2e}")
-                call = lambda i: module.linear(xs[i % 4], *pool[i % copies], **options)  # noqa: E731
-                seconds = (graph_seconds(call, max(copies, 8)) if device.type == "cuda"
-                           else median_seconds(call, device, repeats, 5))
+                seconds = timed(lambda i: module.linear(xs[i % 4], *pool[i % own], **options), own)
                 rows.append({"kernel": kernel, "out": out_features, "in": in_features, "m": m, **options,
                              "dtype": str(dtype).removeprefix("torch."),
                              "us": round(seconds * 1e6, 2), "dense_us": round(dense_s * 1e6, 2),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -135,13 +136,16 @@ def random_int24(weight: torch.Tensor, generator: torch.Generator, group_size: i
     return Int24(*(t.to(weight.device) for t in q[:4]), q.group_size, q.bits)
 
 
-def sparse_module(weight: torch.Tensor, backend: str, generator: torch.Generator) -> SparseLinear:
-    """A ``SparseLinear`` of ``weight`` on ``backend`` (``numba+int4``: as random 4-bit codes on its positions)."""
+def sparse_module(weight: torch.Tensor, backend: str, generator: torch.Generator, copies: int = 1) -> list[SparseLinear]:
+    """``copies`` ``SparseLinear`` modules of ``weight`` on ``backend`` (``numba+int4``: as random 4-bit codes on
+    its positions, the same codes in every copy)."""
     name, _, fmt = backend.partition("+")
     label = "x".join(map(str, weight.shape))
     if fmt:
-        return SparseLinear(random_int24(weight, generator), backend=name, name=label, dtype=weight.dtype)
-    return SparseLinear(weight.clone(), backend=name, name=label)  # a clone: the dense backend keeps its input
+        q = random_int24(weight, generator)
+        return [SparseLinear(Int24(*(t.clone() for t in q[:4]), q.group_size, q.bits), backend=name, name=label,
+                             dtype=weight.dtype) for _ in range(copies)]
+    return [SparseLinear(weight.clone(), backend=name, name=label) for _ in range(copies)]  # the dense backend keeps its input
 
 
 @torch.inference_mode()
@@ -153,18 +157,22 @@ def gemm_benchmark(shapes: list[tuple[int, int]], ms: tuple[int, ...], backends:
     (shape, M, backend) with medians and speedups; on CUDA also ``*_graph_us`` and ``graph_speedup``,
     the same calls timed as CUDA-graph replays (None, with ``graph_error``, where a side cannot be captured).
 
-    Each side cycles through copies of its weight holding at least ``pool_bytes`` of dense weights
-    (0: one weight, timed hot in cache)."""
+    Each side cycles through copies of its weight holding at least ``pool_bytes`` in its own format (a 2:4 +
+    INT4 weight is 4.6x smaller than dense, so it takes more copies to leave the cache; 0: one weight, timed
+    hot in cache)."""
     generator = torch.Generator().manual_seed(seed)
     rows: list[dict] = []
     bar = tqdm(total=len(shapes) * len(ms), desc="GEMM", unit="case", disable=not progress)
     for out_features, in_features in shapes:
         weight = random_24(out_features, in_features, dtype, device, generator)
-        copies = max(1, -(-pool_bytes // (weight.numel() * weight.element_size())))
+        dense_bytes = weight.numel() * weight.element_size()
+        copies = max(1, -(-pool_bytes // dense_bytes))
         dense = [nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype) for _ in range(copies)]
         for linear in dense:  # modules, so both sides pay the same call overhead
             linear.weight.data.copy_(weight)
-        modules = {backend: [sparse_module(weight, backend, generator) for _ in range(copies)] for backend in backends}
+        modules = {backend: sparse_module(weight, backend, generator,
+                                          max(1, math.ceil(pool_bytes * byte_ceiling(dtype, backend) / dense_bytes)))
+                   for backend in backends}
         for m in ms:
             pool = [torch.randn(m, in_features, generator=generator).to(device=device, dtype=dtype) + 0.1
                     for _ in range(4)]
@@ -173,14 +181,14 @@ def gemm_benchmark(shapes: list[tuple[int, int]], ms: tuple[int, ...], backends:
             if device.type == "cuda":
                 dense_graph, dense_error = _graph_us(lambda i: dense[i % copies](pool[i % 4]), calls)
             for backend, sparse in modules.items():
-                sparse_s = median_seconds(lambda i: sparse[i % copies](pool[i % 4]), device, repeats, warmup)
+                sparse_s = median_seconds(lambda i: sparse[i % len(sparse)](pool[i % 4]), device, repeats, warmup)
                 ran = sparse[0].backend + (INT4 if INT4 in backend and sparse[0].backend != "dense" else "")
                 row = {"out": out_features, "in": in_features, "m": m, "backend": backend,
-                       "ran": ran, "weight_copies": copies, "dense_us": round(dense_s * 1e6, 2),
+                       "ran": ran, "weight_copies": copies, "sparse_copies": len(sparse), "dense_us": round(dense_s * 1e6, 2),
                        "sparse_us": round(sparse_s * 1e6, 2), "speedup": round(dense_s / sparse_s, 3),
                        "ceiling": round(byte_ceiling(dtype, ran), 3)}
                 if device.type == "cuda":
-                    sparse_graph, error = _graph_us(lambda i: sparse[i % copies](pool[i % 4]), calls)
+                    sparse_graph, error = _graph_us(lambda i: sparse[i % len(sparse)](pool[i % 4]), max(len(sparse), 8))
                     row.update(dense_graph_us=dense_graph, sparse_graph_us=sparse_graph, graph_error=error or dense_error,
                                graph_speedup=round(dense_graph / sparse_graph, 3) if dense_graph and sparse_graph else None)
                 rows.append(row)

@@ -46,8 +46,10 @@ def _expand(first, first_pos, second, second_pos, ROWS: tl.constexpr, GROUPS: tl
 def _accumulate(acc, x, dense, USE_DOT: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] + x [BLOCK_M, C] · dense [BLOCK_N, C]ᵀ, summed in float32."""
     if USE_DOT:
-        return acc + tl.dot(x, tl.trans(dense.to(x.dtype)))
-    return acc + tl.sum(x.to(tl.float32)[:, None, :] * dense[None, :, :], axis=2)
+        acc += tl.dot(x, tl.trans(dense.to(x.dtype)))
+    else:
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * dense[None, :, :], axis=2)
+    return acc
 
 
 @triton.jit

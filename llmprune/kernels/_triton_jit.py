@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-COLUMNS = 128  # input columns per step: a chunk row of the INT4 layout, 64 kept values of the float one
+COLUMNS = tl.constexpr(128)  # input columns per step: a chunk row of the INT4 layout, 64 kept values of the float one
 DOT_M = 16  # rows of x from which 16-bit inputs use tl.dot (its smallest tile side)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Block sizes of the two Triton decode kernels, timed on the GPU: every (BLOCK_N, BLOCK_K) of the 2:4
-kernel (``kernels.triton24``) and every (BLOCK_N, STEP) of the 2:4 + INT4 kernel (``kernels.triton24q4``)
-on the Llama-2-7B shapes at small M, against dense ``F.linear`` in the same dtype.
+"""Block sizes of the two Triton kernels, timed on the GPU: every (BLOCK_N, STEPS) (output rows per
+program, 128-column chunks per loop step) of the 2:4 kernel (``kernels.triton24``) and of the 2:4 + INT4
+kernel (``kernels.triton24q4``) on the Llama-2-7B shapes at small M, against dense ``F.linear`` in the
+same dtype; the rows of x per program follow M (``_triton_jit.blocks``).
 
 On CUDA each configuration is timed as CUDA-graph replays (the kernel alone, without launch overhead).
 
@@ -9,7 +10,7 @@ On CUDA each configuration is timed as CUDA-graph replays (the kernel alone, wit
     TRITON_INTERPRET=1 python scripts/tune_triton.py --device cpu --dtype float32 --shapes 32x256 --ms 1 --quick --pool-mb 0
 
 Weights stream from memory as in decode: each call takes the next of a pool of copies holding at least
-``--pool-mb`` of dense weights (H200: 60 MB of L2). Every configuration's output is checked against the
+``--pool-mb`` in its own format (H200: 60 MB of L2). Every configuration's output is checked against the
 dense product first (a configuration that computes something else must not win). The table gives, per
 shape and M, the dense time, the default configuration's time and the best configuration's; the last
 table, the configuration with the best geometric-mean time over all cases.
@@ -34,19 +35,20 @@ LLAMA_7B = "4096x4096,11008x4096,4096x11008"
 # name: (its module, the two block-size keywords of its `linear`, their candidate values)
 # name: (its module, the two block-size keywords of its `linear`, their candidate values)
 KERNELS = {
-    "triton24": (triton24, ("block_n", "block_m"), ((8, 16, 32, 64), (1, 2, 4, 8))),
-    "triton24q4": (triton24q4, ("block_n", "block_m"), ((8, 16, 32, 64), (1, 2, 4, 8))),
+    "triton24": (triton24, ("block_n", "steps"), ((8, 16, 32), (1, 2, 4, 8))),
+    "triton24q4": (triton24q4, ("block_n", "steps"), ((8, 16, 32), (1, 2, 4, 8))),
 }
 FORMATS = {"triton24": "triton", "triton24q4": "triton+int4"}  # their names in eval.speed.byte_ceiling
 QUICK = {"triton24": ((8, 16), (1,)), "triton24q4": ((8, 16), (1,))}
 
 
 def defaults(m: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(block_n, block_m): what both kernels' ``linear`` picks for ``m`` rows of x when not told."""
+    """(block_n, steps): what both kernels' ``linear`` picks for ``m`` rows of x when not told (the rows of x
+    per program follow M; the sweep leaves them to that rule)."""
     from llmprune.kernels._triton_jit import blocks
 
-    block_m, block_n, _ = blocks(m, dtype)
-    return block_n, block_m
+    shape = blocks(m, dtype)
+    return shape.block_n, shape.steps
 
 
 def layouts(kernel: str, weight: torch.Tensor, copies: int,
@@ -132,7 +134,7 @@ def main() -> None:
     parser.add_argument("--ms", default="1,4,8", help="rows of x, comma-separated")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--pool-mb", type=int, default=512, help="dense weight bytes each case cycles through")
+    parser.add_argument("--pool-mb", type=int, default=256, help="MiB each format cycles through (default 256)")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="two configurations per kernel (a smoke test)")
     parser.add_argument("--json", type=Path, default=None)

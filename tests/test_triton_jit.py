@@ -28,7 +28,7 @@ def hopper_target():
     return GPUTarget("cuda", 90, 32)
 
 
-def compiled(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, use_dot: bool):
+def compiled(kernel: str, dtype: torch.dtype, shape):
     from llmprune.kernels import _triton_jit
 
     fn = getattr(_triton_jit, kernel)
@@ -36,11 +36,12 @@ def compiled(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, use_do
     pointers = {"x_ptr": x, "bias_ptr": x, "y_ptr": x, **{k: v or x for k, v in POINTERS[kernel].items()}}
     signature = {name: pointers.get(name) or ("i32" if name in SCALARS else "constexpr")
                  for name in inspect.signature(fn.fn).parameters}
-    constants = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "USE_DOT": use_dot}
+    constants = {"HAS_BIAS": True, "BLOCK_M": shape.block_m, "BLOCK_N": shape.block_n, "STEPS": shape.steps,
+                 "USE_DOT": shape.use_dot}
     if kernel == "gemm24q4":
         constants.update(PAD=15, LANES=1)
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
-    return triton.compile(source, target=hopper_target())
+    return triton.compile(source, target=hopper_target(), options={"num_warps": shape.num_warps})
 
 
 @pytest.mark.parametrize("kernel", ["gemm24", "gemm24q4"])
@@ -49,15 +50,15 @@ def test_every_block_configuration_compiles_for_hopper_without_spills(kernel: st
                                                                       tmp_path: Path) -> None:
     from llmprune.kernels._triton_jit import blocks
 
-    configurations = sorted({blocks(m, dtype) for m in (1, 2, 4, 8, 16, 64, 4096)})
-    assert any(dot for *_, dot in configurations) == (dtype != torch.float32)  # tensor cores for 16-bit x only
+    configurations = sorted(set(blocks(m, dtype) for m in (1, 2, 4, 8, 16, 64, 4096)))
+    assert any(shape.use_dot for shape in configurations) == (dtype != torch.float32)  # tensor cores: 16-bit x only
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    for block_m, block_n, use_dot in configurations:
-        binary = compiled(kernel, dtype, block_m, block_n, use_dot).asm["cubin"]
-        assert binary, (block_m, block_n, use_dot)
+    for shape in configurations:
+        binary = compiled(kernel, dtype, shape).asm["cubin"]
+        assert binary, shape
         if cuobjdump.exists():
-            path = tmp_path / f"{kernel}-{block_m}-{block_n}.cubin"
+            path = tmp_path / f"{kernel}.cubin"
             path.write_bytes(binary)
             usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True,
                                    text=True, check=True).stdout
-            assert re.search(r"LOCAL:0\b", usage), f"{kernel} {block_m}x{block_n} spills: {usage}"
+            assert re.search(r"LOCAL:0\b", usage), f"{kernel} {shape} spills: {usage}"

@@ -2,9 +2,9 @@
 module that imports triton at its top: the kernel modules import it on first use, so triton stays optional.
 
 Both kernels work the same way. A program owns ``BLOCK_M`` rows of ``x`` and ``BLOCK_N`` output rows. Per
-step it loads the packed weights of 128 input columns for its output rows (contiguous), expands them in
-registers into the dense ``[BLOCK_N, 128]`` tile (``_expand``: each group's two kept values moved to
-their positions, zeros elsewhere) and multiplies it with the ``[BLOCK_M, 128]`` slice of ``x``, a
+step it loads the packed weights of ``STEPS`` chunks of 128 input columns for its output rows
+(contiguous), expands them in registers into the dense ``[BLOCK_N, 128·STEPS]`` tile (``_expand``: each group's two kept values moved to
+their positions, zeros elsewhere) and multiplies it with the ``[BLOCK_M, 128·STEPS]`` slice of ``x``, a
 contiguous load shared by all its output rows. So the weights are read once for all rows of ``x`` in the
 program, and ``x`` is never gathered element by element. Small ``M`` (decode) reduce with elementwise
 products; from ``DOT_M`` rows on, 16-bit inputs go through ``tl.dot`` (tensor cores), which makes the same
@@ -12,22 +12,40 @@ kernel fit prefill.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-COLUMNS = tl.constexpr(128)  # input columns per step: a chunk row of the INT4 layout, 64 kept values of the float one
+COLUMNS = tl.constexpr(128)  # input columns per chunk: a chunk row of the INT4 layout, 64 kept values of the float one
 DOT_M = 16  # rows of x from which 16-bit inputs use tl.dot (its smallest tile side)
 
 
-def blocks(m: int, dtype: torch.dtype) -> tuple[int, int, bool]:
-    """``(BLOCK_M, BLOCK_N, USE_DOT)`` for ``m`` rows of ``x``: at M = 1, 16 output rows per program (256
-    programs for 4096 outputs: every multiprocessor busy), fewer as more rows of x share the elementwise
-    product (at most 8·8·128 elements), tensor-core tiles from ``DOT_M`` rows on."""
+class Blocks(NamedTuple):
+    block_m: int  # rows of x per program
+    block_n: int  # output rows per program
+    steps: int  # chunks of COLUMNS per loop iteration
+    use_dot: bool
+    num_warps: int
+
+
+def blocks(m: int, dtype: torch.dtype, block_n: int | None = None, block_m: int | None = None,
+           steps: int | None = None) -> Blocks:
+    """The launch shape for ``m`` rows of ``x`` (any of the three sizes may be given). Decode is bound by
+    memory latency: each program's loop issues one step's loads at a time, so a step spans several chunks
+    (512 columns at M = 1) to keep enough bytes in flight, with 16 output rows per program (256 programs for
+    4096 outputs, all resident at once). More rows of x share the elementwise product with fewer output
+    rows each; from ``DOT_M`` rows on, 16-bit inputs take tensor-core tiles."""
     if m >= DOT_M and dtype in (torch.float16, torch.bfloat16):
-        return (16 if m < 64 else 64), 64, True
-    block_m = min(triton.next_power_of_2(m), 8)
-    return block_m, 16 if block_m <= 2 else 8, False
+        default = Blocks(16 if m < 64 else 64, 64, 1, True, 4)
+    else:
+        rows = min(triton.next_power_of_2(m), 8)
+        default = Blocks(rows, 16 if rows <= 2 else 8, 4 if rows <= 4 else 2, False, 4)
+    chosen = default._replace(**{k: v for k, v in (("block_m", block_m), ("block_n", block_n), ("steps", steps)) if v})
+    # the elementwise product holds block_m·block_n·steps·COLUMNS floats: 8 warps from 64 per thread at 4 on
+    wide = not chosen.use_dot and chosen.block_m * chosen.block_n * chosen.steps * 128 >= 64 * 128
+    return chosen._replace(use_dot=chosen.use_dot and chosen.block_m >= DOT_M, num_warps=8 if wide else 4)
 
 
 @triton.jit
@@ -62,25 +80,26 @@ def _store(acc, bias_ptr, y_ptr, ms, rows, m_rows, out_features, stride_y, HAS_B
 
 @triton.jit
 def gemm24(x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, m_rows, out_features, half, stride_x, stride_y,
-           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr):
+           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
+           USE_DOT: tl.constexpr):
     """``values`` [out, in/2] (the kept values, column order), ``meta`` int32 [out, in/32] (2-bit positions)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < out_features
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     words_per_row = half // 16
-    for start in range(0, half, COLUMNS // 2):
-        kept = start + tl.arange(0, COLUMNS // 2)
+    for start in range(0, half, STEPS * COLUMNS // 2):
+        kept = start + tl.arange(0, STEPS * COLUMNS // 2)
         values = tl.load(values_ptr + rows[:, None] * half + kept[None, :],
                          mask=row_ok[:, None] & (kept < half)[None, :], other=0.0).to(tl.float32)
-        word_index = start // 16 + tl.arange(0, COLUMNS // 32)
+        word_index = start // 16 + tl.arange(0, STEPS * COLUMNS // 32)
         words = tl.load(meta_ptr + rows[:, None] * words_per_row + word_index[None, :],
                         mask=row_ok[:, None] & (word_index < words_per_row)[None, :], other=0)
         positions = (words[:, :, None] >> (tl.arange(0, 16) * 2)[None, None, :]) & 3
-        first, second = tl.split(tl.reshape(values, (BLOCK_N, COLUMNS // 4, 2)))
-        first_pos, second_pos = tl.split(tl.reshape(positions, (BLOCK_N, COLUMNS // 4, 2)))
-        dense = _expand(first, first_pos, second, second_pos, BLOCK_N, COLUMNS // 4)
-        columns = 2 * start + tl.arange(0, COLUMNS)
+        first, second = tl.split(tl.reshape(values, (BLOCK_N, STEPS * COLUMNS // 4, 2)))
+        first_pos, second_pos = tl.split(tl.reshape(positions, (BLOCK_N, STEPS * COLUMNS // 4, 2)))
+        dense = _expand(first, first_pos, second, second_pos, BLOCK_N, STEPS * COLUMNS // 4)
+        columns = 2 * start + tl.arange(0, STEPS * COLUMNS)
         x = tl.load(x_ptr + ms[:, None] * stride_x + columns[None, :],
                     mask=(ms < m_rows)[:, None] & (columns < 2 * half)[None, :], other=0.0)
         acc = _accumulate(acc, x, dense, USE_DOT)
@@ -90,7 +109,7 @@ def gemm24(x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, m_rows, out_features, h
 @triton.jit
 def gemm24q4(x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, m_rows, out_features, chunks, x_features, stride_x,
              stride_y, PAD: tl.constexpr, LANES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr):
+             BLOCK_N: tl.constexpr, STEPS: tl.constexpr, USE_DOT: tl.constexpr):
     """``values`` uint8 [out, chunks, 48] (16 position bytes, 32 code bytes per 128 columns), ``meta`` float32
     [out, chunks, 2, LANES] (scales, then offsets ``−zero·scale``): the ``triton24q4`` layout."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,21 +118,23 @@ def gemm24q4(x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, m_rows, out_features,
     lane = tl.arange(0, 32)
     grid_lane = (lane * LANES) >> 5  # the group's (scale, offset) in its chunk row
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for chunk in range(0, chunks):
-        row_chunk = rows * chunks + chunk
-        positions = tl.load(values_ptr + row_chunk[:, None] * 48 + tl.arange(0, 16)[None, :], mask=row_ok[:, None],
-                            other=PAD | PAD << 4)
-        codes = tl.load(values_ptr + row_chunk[:, None] * 48 + 16 + lane[None, :], mask=row_ok[:, None], other=0)
+    for first_chunk in range(0, chunks, STEPS):
+        chunk = first_chunk + tl.arange(0, STEPS)
+        ok = (row_ok[:, None] & (chunk < chunks)[None, :])[:, :, None]  # [BLOCK_N, STEPS, 1]
+        row_chunk = (rows[:, None] * chunks + chunk[None, :])[:, :, None]
+        positions = tl.load(values_ptr + row_chunk * 48 + tl.arange(0, 16)[None, None, :], mask=ok, other=PAD | PAD << 4)
+        codes = tl.load(values_ptr + row_chunk * 48 + 16 + lane[None, None, :], mask=ok, other=0)
         # byte l holds group l in its low nibble and group 16 + l in its high one
-        nibbles = tl.reshape(tl.permute(tl.join(positions & 15, positions >> 4), (0, 2, 1)), (BLOCK_N, 32))
-        grid = meta_ptr + row_chunk[:, None] * (2 * LANES) + grid_lane[None, :]
-        scale = tl.load(grid, mask=row_ok[:, None], other=0.0)
-        offset = tl.load(grid + LANES, mask=row_ok[:, None], other=0.0)
+        nibbles = tl.reshape(tl.permute(tl.join(positions & 15, positions >> 4), (0, 1, 3, 2)), (BLOCK_N, STEPS * 32))
+        grid = meta_ptr + row_chunk * (2 * LANES) + grid_lane[None, None, :]
+        scale = tl.reshape(tl.load(grid, mask=ok, other=0.0), (BLOCK_N, STEPS * 32))
+        offset = tl.reshape(tl.load(grid + LANES, mask=ok, other=0.0), (BLOCK_N, STEPS * 32))
+        codes = tl.reshape(codes, (BLOCK_N, STEPS * 32))
         real = nibbles != PAD
         first = tl.where(real, (codes & 15).to(tl.float32) * scale + offset, 0.0)
         second = tl.where(real, (codes >> 4).to(tl.float32) * scale + offset, 0.0)
-        dense = _expand(first, nibbles & 3, second, nibbles >> 2, BLOCK_N, 32)
-        columns = chunk * COLUMNS + tl.arange(0, COLUMNS)
+        dense = _expand(first, nibbles & 3, second, nibbles >> 2, BLOCK_N, STEPS * 32)
+        columns = first_chunk * COLUMNS + tl.arange(0, STEPS * COLUMNS)
         x = tl.load(x_ptr + ms[:, None] * stride_x + columns[None, :],
                     mask=(ms < m_rows)[:, None] & (columns < x_features)[None, :], other=0.0)
         acc = _accumulate(acc, x, dense, USE_DOT)

@@ -60,11 +60,11 @@ def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
-           block_n: int | None = None, block_m: int | None = None) -> torch.Tensor:
+           block_n: int | None = None, block_m: int | None = None, steps: int | None = None) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 + INT4 weight in ``(values, meta)`` layout, transposed, plus
     ``bias``, in ``x``'s dtype. ``in`` is checked against the number of chunks (the exact count sits in
     the padding nibbles on the device, and reading it back would synchronise every call); inputs are
-    read only up to ``x``'s width. Block sizes default to ``_triton_jit.blocks`` for the rows of ``x``."""
+    read only up to ``x``'s width. Block sizes not given come from ``_triton_jit.blocks`` for the rows of ``x``."""
     from . import _triton_jit
 
     out_features, chunks, _ = values.shape
@@ -77,11 +77,10 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torc
                             f"device ({values.device}); got {x.dtype} on {x.device}")
     flat = x.reshape(-1, x_features).contiguous()
     y = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)
-    rows_m, rows_n, use_dot = _triton_jit.blocks(flat.shape[0], x.dtype)
-    block_m, block_n = block_m or rows_m, block_n or rows_n
-    grid = (-(-out_features // block_n), -(-flat.shape[0] // block_m))
+    shape = _triton_jit.blocks(flat.shape[0], x.dtype, block_n, block_m, steps)
+    grid = (-(-out_features // shape.block_n), -(-flat.shape[0] // shape.block_m))
     _triton_jit.gemm24q4[grid](flat, values, meta, bias if bias is not None else meta, y, flat.shape[0], out_features,
                                chunks, x_features, flat.stride(0), y.stride(0), PAD=PAD, LANES=meta.shape[-1],
-                               HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                               USE_DOT=use_dot and block_m >= _triton_jit.DOT_M)
+                               HAS_BIAS=bias is not None, BLOCK_M=shape.block_m, BLOCK_N=shape.block_n,
+                               STEPS=shape.steps, USE_DOT=shape.use_dot, num_warps=shape.num_warps)
     return y.reshape(*x.shape[:-1], out_features)

@@ -109,5 +109,10 @@ def test_triton24q4_on_cuda(dtype) -> None:
     weight = q.dequantize()
     for m in (1, 4, 16, 100):
         x = torch.randn(m, 4096, device="cuda", dtype=dtype)
-        expected = F.linear(x.float(), weight).to(dtype)
-        torch.testing.assert_close(triton24q4.linear(x, values, meta), expected, rtol=2e-2, atol=2e-2)
+        expected = F.linear(x.float(), weight)
+        got = triton24q4.linear(x, values, meta)
+        assert got.dtype == dtype
+        # relative to the output's norm: from 16 rows on, tensor cores take the weights rounded to x's dtype, as
+        # the dense backend holds them; elementwise, bfloat16's 8-bit mantissa alone moved single outputs by
+        # 0.19 (H200, m = 16), past any fixed absolute tolerance that would still catch a wrong kernel
+        assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2, m

@@ -34,14 +34,16 @@ def blocks(m: int, dtype: torch.dtype, block_n: int | None = None, block_m: int 
            steps: int | None = None) -> Blocks:
     """The launch shape for ``m`` rows of ``x`` (any of the three sizes may be given). Decode is bound by
     memory latency: each program's loop issues one step's loads at a time, so a step spans several chunks
-    (512 columns at M = 1) to keep enough bytes in flight, with 16 output rows per program (256 programs for
-    4096 outputs, all resident at once). More rows of x share the elementwise product with fewer output
-    rows each; from ``DOT_M`` rows on, 16-bit inputs take tensor-core tiles."""
+    to keep bytes in flight, over few output rows per program (many programs). Measured on an H200
+    (``scripts/tune_triton.py``, fp16, Llama-2-7B shapes, eval/RESULTS.md): 8 output rows and 4 chunks per
+    step were fastest at M = 1 and 8 rows, 8 chunks at M = 4, in both kernels, among 8-32 rows and 1-8
+    chunks; up to 1.6× the first guess (16 rows, 4 chunks). From ``DOT_M`` rows on, 16-bit inputs take
+    tensor-core tiles."""
     if m >= DOT_M and dtype in (torch.float16, torch.bfloat16):
         default = Blocks(16 if m < 64 else 64, 64, 1, True, 4)
     else:
         rows = min(triton.next_power_of_2(m), 8)
-        default = Blocks(rows, 16 if rows <= 2 else 8, 4 if rows <= 4 else 2, False, 4)
+        default = Blocks(rows, 8, 8 if 1 < rows <= 4 else 4, False, 4)
     chosen = default._replace(**{k: v for k, v in (("block_m", block_m), ("block_n", block_n), ("steps", steps)) if v})
     # the elementwise product holds block_m·block_n·steps·COLUMNS floats: 8 warps from 64 per thread at 4 on
     wide = not chosen.use_dot and chosen.block_m * chosen.block_n * chosen.steps * 128 >= 64 * 128

@@ -45,7 +45,8 @@ KERNEL_CHECK = textwrap.dedent('''
                                           (33, 160, 2, torch.float32, True), (96, 256, 1, torch.float16, False),
                                           (40, 192, 5, torch.float32, False),   # rows of x not a multiple of the block
                                           (72, 128, 20, torch.float16, True),   # tensor-core tiles (tl.dot)
-                                          (16, 96, 70, torch.float16, True)]:  # several dot row blocks
+                                          (16, 96, 70, torch.float16, True),   # several dot row blocks
+                                          (24, 64, 130, torch.float32, True)]:  # prefill: expanded, then F.linear
         # (bfloat16 tl.dot is checked on CUDA only: the interpreter's float32 → bfloat16 cast is wrong)
         weight = torch.randn(rows, columns, generator=gen)
         weight = (weight * NM(2, 4).keep_mask(weight.abs())).to(dtype)
@@ -89,6 +90,6 @@ def test_triton_backend_on_cuda(dtype) -> None:
     weight = random_24(4096, 4096, dtype).cuda()
     module = SparseLinear(weight, backend="triton")
     assert module.backend == "triton"
-    for m in (1, 4, 16, 100):
+    for m in (1, 4, 16, 100, 200):
         x = torch.randn(m, 4096, device="cuda", dtype=dtype)
         torch.testing.assert_close(module(x), torch.nn.functional.linear(x, weight), rtol=2e-2, atol=2e-2)

@@ -67,7 +67,8 @@ def test_kernel_matches_the_dequantized_matmul_under_the_interpreter(tmp_path) -
             (40, 640, 128, (8,), torch.float16, True, False),   # several chunks, several rows of x
             (24, 256, 128, (5,), torch.float32, True, False),   # rows of x not a multiple of the block
             (72, 384, 128, (20,), torch.float16, True, False),  # tensor-core tiles (tl.dot), partial row blocks
-            (16, 256, 32, (3, 24), torch.float16, False, True)]:  # 72 rows of x: several dot blocks
+            (16, 256, 32, (3, 24), torch.float16, False, True),  # 72 rows of x: several dot blocks
+            (12, 136, 4, (2, 70), torch.float32, True, False)]:  # prefill (140 rows): dequantized, then F.linear
         # (bfloat16 tl.dot is checked on CUDA only: the interpreter's float32 → bfloat16 cast is wrong)
         q = random_int24(rows, columns, group_size, seed=rows, symmetric=symmetric)
         x = torch.randn(*batch, columns, generator=generator).to(dtype)
@@ -107,7 +108,7 @@ def test_triton24q4_on_cuda(dtype) -> None:
     q = q._replace(**{field: getattr(q, field).cuda() for field in ("codes", "positions", "scales", "zeros")})
     values, meta = triton24q4.to_layout(q)
     weight = q.dequantize()
-    for m in (1, 4, 16, 100):
+    for m in (1, 4, 16, 100, 200):
         x = torch.randn(m, 4096, device="cuda", dtype=dtype)
         expected = F.linear(x.float(), weight)
         got = triton24q4.linear(x, values, meta)

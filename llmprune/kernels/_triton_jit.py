@@ -20,6 +20,11 @@ import triton.language as tl
 
 COLUMNS = tl.constexpr(128)  # input columns per chunk: a chunk row of the INT4 layout, 64 kept values of the float one
 DOT_M = 16  # rows of x from which 16-bit inputs use tl.dot (its smallest tile side)
+# Rows of x from which the kernels' ``linear`` expands the weight for the call (torch ops) and lets cuBLAS
+# multiply: the tl.dot path measured 0.18-0.26x (2:4) and 0.03-0.06x (2:4 + INT4) of dense fp16 on an H200
+# from M = 64 to 4096 (eval/RESULTS.md), while expanding costs a few passes over the weight, about one dense
+# GEMM at M ~ 100 (an estimate from the byte counts: the expansion was not timed on the GPU).
+PREFILL_M = 128
 
 
 class Blocks(NamedTuple):

@@ -15,6 +15,7 @@ rows of ``x`` at once. Correctness is tested on CPU with ``TRITON_INTERPRET=1``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import LLMPruneError
 from ..packing import stored_positions
@@ -68,11 +69,14 @@ def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
            block_n: int | None = None, block_m: int | None = None, steps: int | None = None) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 weight in ``(values, meta)`` layout, transposed, plus ``bias``.
-    Block sizes not given come from ``_triton_jit.blocks`` for the rows of ``x`` (tensor cores from 16 rows on)."""
+    Block sizes not given come from ``_triton_jit.blocks`` for the rows of ``x`` (tensor cores from 16 rows on);
+    from ``PREFILL_M`` rows on, the weight is expanded for the call and cuBLAS multiplies."""
     from . import _triton_jit
 
     out_features, half = values.shape
     flat = x.reshape(-1, half * 2).contiguous()
+    if flat.shape[0] >= _triton_jit.PREFILL_M:
+        return F.linear(x, from_layout(values, meta), bias)
     y = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)
     shape = _triton_jit.blocks(flat.shape[0], x.dtype, block_n, block_m, steps)
     grid = (-(-out_features // shape.block_n), -(-flat.shape[0] // shape.block_m))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import LLMPruneError
 from ..packing import Int24
@@ -45,8 +46,9 @@ def to_layout(q: Int24, name: str = "weight") -> tuple[torch.Tensor, torch.Tenso
     return rows.contiguous(), grid.contiguous()
 
 
-def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``to_layout``: the dense float32 ``[out, in]`` weight, equal to ``Int24.dequantize()``."""
+def from_layout(values: torch.Tensor, meta: torch.Tensor, in_features: int | None = None) -> torch.Tensor:
+    """The inverse of ``to_layout``: the dense float32 ``[out, in]`` weight, equal to ``Int24.dequantize()``
+    (``in_features`` when known: otherwise it is read back from the padding nibbles, a host synchronisation)."""
     out_features, chunks, _ = values.shape
     positions, codes = values[..., :16], values[..., 16:]
     nibbles = torch.cat([positions & 15, positions >> 4], -1).long()  # [out, chunks, 32]: group j of each chunk
@@ -55,7 +57,8 @@ def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     dense = torch.zeros(out_features, chunks, CHUNK, 4, dtype=torch.float32, device=values.device)
     dense.scatter_(3, (nibbles & 3)[..., None], ((codes & 15).float() * scale + offset)[..., None])
     dense.scatter_(3, (nibbles >> 2)[..., None], ((codes >> 4).float() * scale + offset)[..., None])
-    in_features = stored_in_features(values[0, -1, :16], chunks)
+    if in_features is None:
+        in_features = stored_in_features(values[0, -1, :16], chunks)
     return dense.reshape(out_features, -1)[:, :in_features].contiguous()
 
 
@@ -64,7 +67,8 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torc
     """``x`` ``[..., in]`` times the 2:4 + INT4 weight in ``(values, meta)`` layout, transposed, plus
     ``bias``, in ``x``'s dtype. ``in`` is checked against the number of chunks (the exact count sits in
     the padding nibbles on the device, and reading it back would synchronise every call); inputs are
-    read only up to ``x``'s width. Block sizes not given come from ``_triton_jit.blocks`` for the rows of ``x``."""
+    read only up to ``x``'s width. Block sizes not given come from ``_triton_jit.blocks`` for the rows of ``x``;
+    from ``PREFILL_M`` rows on, the weight is dequantized for the call and cuBLAS multiplies."""
     from . import _triton_jit
 
     out_features, chunks, _ = values.shape
@@ -76,6 +80,8 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torc
         raise LLMPruneError(f"the Triton 2:4+INT4 kernel takes float16, bfloat16 or float32 x on the weight's "
                             f"device ({values.device}); got {x.dtype} on {x.device}")
     flat = x.reshape(-1, x_features).contiguous()
+    if flat.shape[0] >= _triton_jit.PREFILL_M:
+        return F.linear(x, from_layout(values, meta, x_features).to(x.dtype), bias)
     y = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)
     shape = _triton_jit.blocks(flat.shape[0], x.dtype, block_n, block_m, steps)
     grid = (-(-out_features // shape.block_n), -(-flat.shape[0] // shape.block_m))

@@ -128,10 +128,11 @@ _INT_KERNELS = {"triton": KernelModule("triton", "triton24q4"), "numba": KernelM
 
 def auto_backend(device: torch.device, quantized: bool = False) -> str:
     """What ``auto`` means on ``device``: our numba kernels on CPU; on a GPU, dense for 2:4 fp weights and
-    our Triton kernel for 4-bit codes. Measured on an H200 (torch 2.11, fp16, eval/RESULTS.md): every
-    sparse kernel was slower than cuBLAS's dense GEMV per call (semi-structured 0.02-0.05x from M=1 to
-    256; ours at M=1 on 7B shapes 0.54-0.73x for 2:4, 0.39-0.51x for 2:4 + INT4), so a 2:4 fp weight gains
-    nothing there; a 4-bit one stays 4-bit (the dense path would hold 4.6x the bytes) at about half dense speed."""
+    our Triton kernel for 4-bit codes. Measured on an H200 (torch 2.11, fp16, kernels timed as CUDA-graph
+    replays, eval/RESULTS.md): every sparse kernel was slower than cuBLAS's dense GEMV (semi-structured
+    0.37-0.69x on 7B shapes from M=1 to 16; ours at M=1 0.64-0.81x for 2:4, 0.35-0.47x for 2:4 + INT4),
+    so a 2:4 fp weight gains nothing there; a 4-bit one stays 4-bit (the dense path would hold 4.6x the
+    bytes) at about 0.4x dense speed."""
     if device.type == "cuda":
         return "triton" if quantized else "dense"
     return "numba"

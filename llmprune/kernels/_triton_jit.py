@@ -3,12 +3,12 @@ module that imports triton at its top: the kernel modules import it on first use
 
 Both kernels work the same way. A program owns ``BLOCK_M`` rows of ``x`` and ``BLOCK_N`` output rows. Per
 step it loads the packed weights of ``STEPS`` chunks of 128 input columns for its output rows
-(contiguous), expands them in registers into the dense ``[BLOCK_N, 128·STEPS]`` tile (``_expand``: each group's two kept values moved to
-their positions, zeros elsewhere) and multiplies it with the ``[BLOCK_M, 128·STEPS]`` slice of ``x``, a
-contiguous load shared by all its output rows. So the weights are read once for all rows of ``x`` in the
-program, and ``x`` is never gathered element by element. Small ``M`` (decode) reduce with elementwise
-products; from ``DOT_M`` rows on, 16-bit inputs go through ``tl.dot`` (tensor cores), which makes the same
-kernel fit prefill.
+(contiguous), expands them in registers into the dense ``[BLOCK_N, 128·STEPS]`` tile (``_expand``: each
+group's two kept values moved to their positions, zeros elsewhere) and multiplies it with the
+``[BLOCK_M, 128·STEPS]`` slice of ``x``, a contiguous load shared by all its output rows. So the weights are
+read once for all rows of ``x`` in the program, and ``x`` is never gathered element by element. Small ``M``
+(decode) reduce with elementwise products; from ``DOT_M`` rows on, 16-bit inputs go through ``tl.dot``
+(tensor cores); from ``PREFILL_M`` rows on the callers expand the weight and use cuBLAS instead.
 """
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ import triton
 import triton.language as tl
 
 COLUMNS = tl.constexpr(128)  # input columns per chunk: a chunk row of the INT4 layout, 64 kept values of the float one
-DOT_M = 16  # rows of x from which 16-bit inputs use tl.dot (its smallest tile side)
+# Rows of x from which 16-bit inputs use tl.dot, in tiles of at least 16 rows (its smallest side; fewer rows
+# are masked). On an H200 the elementwise product over 8 rows took 1.5-7x as long as the 16-row dot tile
+# over 16 (eval/RESULTS.md, "GPU, second session").
+DOT_M = 8
 # Rows of x from which the kernels' ``linear`` expands the weight for the call (torch ops) and lets cuBLAS
 # multiply: the tl.dot path measured 0.18-0.26x (2:4) and 0.03-0.06x (2:4 + INT4) of dense fp16 on an H200
 # from M = 64 to 4096 (eval/RESULTS.md), while expanding costs a few passes over the weight, about one dense
@@ -52,7 +55,7 @@ def blocks(m: int, dtype: torch.dtype, block_n: int | None = None, block_m: int 
     chosen = default._replace(**{k: v for k, v in (("block_m", block_m), ("block_n", block_n), ("steps", steps)) if v})
     # the elementwise product holds block_m·block_n·steps·COLUMNS floats: 8 warps from 64 per thread at 4 on
     wide = not chosen.use_dot and chosen.block_m * chosen.block_n * chosen.steps * 128 >= 64 * 128
-    return chosen._replace(use_dot=chosen.use_dot and chosen.block_m >= DOT_M, num_warps=8 if wide else 4)
+    return chosen._replace(use_dot=chosen.use_dot and chosen.block_m >= 16, num_warps=8 if wide else 4)
 
 
 @triton.jit

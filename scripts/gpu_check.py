@@ -33,9 +33,11 @@ Steps (each one row of the summary table; any failure makes the exit status 1):
    - the full 30-layer model pruned with Wanda 2:4 on CUDA, on ``semi-structured`` and ``triton``;
    - the same model pruned with magnitude 2:4 and quantized to 4 bits (GPTQ under the mask, group 128) on
      CUDA, on ``triton`` (the 2:4 + INT4 kernel) against its dequantized weights.
-5. ``llmprune bench`` on each packed checkpoint (GEMMs on its shapes at M = 1..64, prefill and decode at batch
-   1, 4, 8), before the GEMM sweep: the first GPU check spent its time limit in that sweep's slow
-   ``semi-structured`` cases and never reached these.
+5. ``llmprune bench`` on each packed checkpoint (GEMMs on its shapes at M = 1..16, prefill and decode at batch
+   1 and 4, eager and as CUDA-graph replays), before the GEMM sweep: the first GPU check spent its time
+   limit in that sweep's slow ``semi-structured`` cases and never reached these; in the second, each bench
+   step took 100 s at batch 1, 4, 8 and 64 new tokens (eager decoding on the GPU is launch-bound: 20 ms a
+   token for the 135M model), hence the smaller sizes.
 6. ``scripts/bench_gemm.py`` in float16 on SmolLM2 and Llama-2-7B shapes, ``semi-structured``, ``triton`` and
    ``triton+int4`` (the 2:4 + INT4 kernel) against dense F.linear; every case must have run its own kernel.
 
@@ -115,10 +117,10 @@ class Sizes:
 REAL = Sizes(device="cuda", preset="smollm2", compare_layers=6, nsamples=16, seqlen=256, batch_size=8,
              other_batch_size=8, eval_tokens=(4, 128), packed_tokens=(4, 64), load_dtype="float16",
              backends=("semi-structured", "triton"), group_size=128,
-             gemm_args=("--device", "cuda", "--dtype", "float16", "--ms", "1,4,8,16,64,256,1024,4096",
-                        "--backends", "semi-structured,triton,triton+int4"),
-             bench_args=("--device", "cuda", "--dtype", "float16", "--backend", "triton", "--ms", "1,4,8,16,64",
-                         "--batch-sizes", "1,4,8", "--new-tokens", "64"),
+             gemm_args=("--device", "cuda", "--dtype", "float16", "--ms", "1,4,8,16,128,1024",
+                        "--backends", "semi-structured,triton,triton+int4", "--repeats", "30"),
+             bench_args=("--device", "cuda", "--dtype", "float16", "--backend", "triton", "--ms", "1,4,8,16",
+                         "--batch-sizes", "1,4", "--new-tokens", "32", "--repeats", "30", "--weight-pool-mb", "128"),
              step_timeout_s=300)
 DRY = Sizes(device="cpu", preset="tiny", compare_layers=None, nsamples=4, seqlen=64, batch_size=4,
             other_batch_size=2, eval_tokens=(2, 32), packed_tokens=(1, 4), load_dtype="float32",

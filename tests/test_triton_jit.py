@@ -1,7 +1,7 @@
 """The Triton kernels compiled for a Hopper GPU (sm_90) on this CPU-only machine: the interpreter that checks
 their results (test_triton24*.py) accepts code the GPU compiler refuses (a plain global read inside a
-kernel, for one), so every block configuration ``_triton_jit.blocks`` picks is compiled here to GPU
-machine code, and must not spill registers to local memory."""
+kernel, for one), so every block configuration ``_triton_jit.blocks`` picks, and the prefill expand
+kernels, are compiled here to GPU machine code, and must not spill registers to local memory."""
 from __future__ import annotations
 
 import inspect
@@ -15,8 +15,9 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-SCALARS = {"m_rows", "out_features", "half", "chunks", "x_features", "stride_x", "stride_y"}
+SCALARS = {"m_rows", "out_features", "half", "chunks", "x_features", "in_features", "stride_x", "stride_y"}
 POINTERS = {"gemm24": {"values_ptr": None, "meta_ptr": "*i32"}, "gemm24q4": {"values_ptr": "*u8", "meta_ptr": "*fp32"}}
+POINTERS.update(expand24=POINTERS["gemm24"], expand24q4=POINTERS["gemm24q4"])
 
 
 def hopper_target():
@@ -33,18 +34,20 @@ def compiled(kernel: str, dtype: torch.dtype, shape):
 
     fn = getattr(_triton_jit, kernel)
     x = f"*{TYPES[dtype]}"
-    pointers = {"x_ptr": x, "bias_ptr": x, "y_ptr": x, **{k: v or x for k, v in POINTERS[kernel].items()}}
+    pointers = {"x_ptr": x, "bias_ptr": x, "y_ptr": x, "out_ptr": x, **{k: v or x for k, v in POINTERS[kernel].items()}}
     signature = {name: pointers.get(name) or ("i32" if name in SCALARS else "constexpr")
                  for name in inspect.signature(fn.fn).parameters}
     constants = {"HAS_BIAS": True, "BLOCK_M": shape.block_m, "BLOCK_N": shape.block_n, "STEPS": shape.steps,
                  "USE_DOT": shape.use_dot}
-    if kernel == "gemm24q4":
+    if kernel.startswith("expand"):
+        constants = {"BLOCK_N": _triton_jit.EXPAND_ROWS}
+    if kernel.endswith("q4"):
         constants.update(PAD=15, LANES=1)
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
     return triton.compile(source, target=hopper_target(), options={"num_warps": shape.num_warps})
 
 
-@pytest.mark.parametrize("kernel", ["gemm24", "gemm24q4"])
+@pytest.mark.parametrize("kernel", ["gemm24", "gemm24q4", "expand24", "expand24q4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_every_block_configuration_compiles_for_hopper_without_spills(kernel: str, dtype: torch.dtype,
                                                                       tmp_path: Path) -> None:
@@ -52,6 +55,8 @@ def test_every_block_configuration_compiles_for_hopper_without_spills(kernel: st
 
     configurations = sorted(set(blocks(m, dtype) for m in (1, 2, 4, 8, 16, 64, 4096)))
     assert any(shape.use_dot for shape in configurations) == (dtype != torch.float32)  # tensor cores: 16-bit x only
+    if kernel.startswith("expand"):  # one launch shape (prefill)
+        configurations = configurations[:1]
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     for shape in configurations:
         binary = compiled(kernel, dtype, shape).asm["cubin"]

@@ -23,10 +23,10 @@ COLUMNS = tl.constexpr(128)  # input columns per chunk: a chunk row of the INT4 
 # are masked). On an H200 the elementwise product over 8 rows took 1.5-7x as long as the 16-row dot tile
 # over 16 (eval/RESULTS.md, "GPU, second session").
 DOT_M = 8
-# Rows of x from which the kernels' ``linear`` expands the weight for the call (torch ops) and lets cuBLAS
-# multiply: the tl.dot path measured 0.18-0.26x (2:4) and 0.03-0.06x (2:4 + INT4) of dense fp16 on an H200
-# from M = 64 to 4096 (eval/RESULTS.md), while expanding costs a few passes over the weight, about one dense
-# GEMM at M ~ 100 (an estimate from the byte counts: the expansion was not timed on the GPU).
+# Rows of x from which the kernels' ``linear`` expands the weight for the call (``expand24``/``expand24q4``)
+# and lets cuBLAS multiply: the tl.dot path measured 0.18-0.26x (2:4) and 0.03-0.06x (2:4 + INT4) of dense
+# fp16 on an H200 from M = 64 to 4096 (eval/RESULTS.md), while expanding reads the packed weight once and
+# writes the dense one, about 1.3 dense GEMVs (an estimate from the byte counts: not yet timed on the GPU).
 PREFILL_M = 128
 
 
@@ -89,26 +89,56 @@ def _store(acc, bias_ptr, y_ptr, ms, rows, m_rows, out_features, stride_y, HAS_B
 
 
 @triton.jit
+def _tile24(values_ptr, meta_ptr, rows, row_ok, start, half, BLOCK_N: tl.constexpr, STEPS: tl.constexpr):
+    """The dense float32 [BLOCK_N, STEPS·COLUMNS] tile of ``rows`` from kept value ``start`` on: ``values``
+    [out, in/2] (the kept values, column order), ``meta`` int32 [out, in/32] (2-bit positions)."""
+    kept = start + tl.arange(0, STEPS * COLUMNS // 2)
+    values = tl.load(values_ptr + rows[:, None] * half + kept[None, :],
+                     mask=row_ok[:, None] & (kept < half)[None, :], other=0.0).to(tl.float32)
+    words_per_row = half // 16
+    word_index = start // 16 + tl.arange(0, STEPS * COLUMNS // 32)
+    words = tl.load(meta_ptr + rows[:, None] * words_per_row + word_index[None, :],
+                    mask=row_ok[:, None] & (word_index < words_per_row)[None, :], other=0)
+    positions = (words[:, :, None] >> (tl.arange(0, 16) * 2)[None, None, :]) & 3
+    first, second = tl.split(tl.reshape(values, (BLOCK_N, STEPS * COLUMNS // 4, 2)))
+    first_pos, second_pos = tl.split(tl.reshape(positions, (BLOCK_N, STEPS * COLUMNS // 4, 2)))
+    return _expand(first, first_pos, second, second_pos, BLOCK_N, STEPS * COLUMNS // 4)
+
+
+@triton.jit
+def _tile24q4(values_ptr, meta_ptr, rows, row_ok, first_chunk, chunks, PAD: tl.constexpr, LANES: tl.constexpr,
+              BLOCK_N: tl.constexpr, STEPS: tl.constexpr):
+    """The dense float32 [BLOCK_N, STEPS·COLUMNS] tile of ``rows`` from chunk ``first_chunk`` on: ``values``
+    uint8 [out, chunks, 48] (16 position bytes, 32 code bytes per 128 columns), ``meta`` float32
+    [out, chunks, 2, LANES] (scales, then offsets ``−zero·scale``): the ``triton24q4`` layout."""
+    lane = tl.arange(0, 32)
+    grid_lane = (lane * LANES) >> 5  # the group's (scale, offset) in its chunk row
+    chunk = first_chunk + tl.arange(0, STEPS)
+    ok = (row_ok[:, None] & (chunk < chunks)[None, :])[:, :, None]  # [BLOCK_N, STEPS, 1]
+    row_chunk = (rows[:, None] * chunks + chunk[None, :])[:, :, None]
+    positions = tl.load(values_ptr + row_chunk * 48 + tl.arange(0, 16)[None, None, :], mask=ok, other=PAD | PAD << 4)
+    codes = tl.reshape(tl.load(values_ptr + row_chunk * 48 + 16 + lane[None, None, :], mask=ok, other=0),
+                       (BLOCK_N, STEPS * 32))
+    # byte l holds group l in its low nibble and group 16 + l in its high one
+    nibbles = tl.reshape(tl.permute(tl.join(positions & 15, positions >> 4), (0, 1, 3, 2)), (BLOCK_N, STEPS * 32))
+    grid = meta_ptr + row_chunk * (2 * LANES) + grid_lane[None, None, :]
+    scale = tl.reshape(tl.load(grid, mask=ok, other=0.0), (BLOCK_N, STEPS * 32))
+    offset = tl.reshape(tl.load(grid + LANES, mask=ok, other=0.0), (BLOCK_N, STEPS * 32))
+    real = nibbles != PAD
+    first = tl.where(real, (codes & 15).to(tl.float32) * scale + offset, 0.0)
+    second = tl.where(real, (codes >> 4).to(tl.float32) * scale + offset, 0.0)
+    return _expand(first, nibbles & 3, second, nibbles >> 2, BLOCK_N, STEPS * 32)
+
+
+@triton.jit
 def gemm24(x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, m_rows, out_features, half, stride_x, stride_y,
            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
            USE_DOT: tl.constexpr):
-    """``values`` [out, in/2] (the kept values, column order), ``meta`` int32 [out, in/32] (2-bit positions)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < out_features
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    words_per_row = half // 16
     for start in range(0, half, STEPS * COLUMNS // 2):
-        kept = start + tl.arange(0, STEPS * COLUMNS // 2)
-        values = tl.load(values_ptr + rows[:, None] * half + kept[None, :],
-                         mask=row_ok[:, None] & (kept < half)[None, :], other=0.0).to(tl.float32)
-        word_index = start // 16 + tl.arange(0, STEPS * COLUMNS // 32)
-        words = tl.load(meta_ptr + rows[:, None] * words_per_row + word_index[None, :],
-                        mask=row_ok[:, None] & (word_index < words_per_row)[None, :], other=0)
-        positions = (words[:, :, None] >> (tl.arange(0, 16) * 2)[None, None, :]) & 3
-        first, second = tl.split(tl.reshape(values, (BLOCK_N, STEPS * COLUMNS // 4, 2)))
-        first_pos, second_pos = tl.split(tl.reshape(positions, (BLOCK_N, STEPS * COLUMNS // 4, 2)))
-        dense = _expand(first, first_pos, second, second_pos, BLOCK_N, STEPS * COLUMNS // 4)
+        dense = _tile24(values_ptr, meta_ptr, rows, rows < out_features, start, half, BLOCK_N, STEPS)
         columns = 2 * start + tl.arange(0, STEPS * COLUMNS)
         x = tl.load(x_ptr + ms[:, None] * stride_x + columns[None, :],
                     mask=(ms < m_rows)[:, None] & (columns < 2 * half)[None, :], other=0.0)
@@ -120,32 +150,40 @@ def gemm24(x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, m_rows, out_features, h
 def gemm24q4(x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, m_rows, out_features, chunks, x_features, stride_x,
              stride_y, PAD: tl.constexpr, LANES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, STEPS: tl.constexpr, USE_DOT: tl.constexpr):
-    """``values`` uint8 [out, chunks, 48] (16 position bytes, 32 code bytes per 128 columns), ``meta`` float32
-    [out, chunks, 2, LANES] (scales, then offsets ``−zero·scale``): the ``triton24q4`` layout."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < out_features
-    lane = tl.arange(0, 32)
-    grid_lane = (lane * LANES) >> 5  # the group's (scale, offset) in its chunk row
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for first_chunk in range(0, chunks, STEPS):
-        chunk = first_chunk + tl.arange(0, STEPS)
-        ok = (row_ok[:, None] & (chunk < chunks)[None, :])[:, :, None]  # [BLOCK_N, STEPS, 1]
-        row_chunk = (rows[:, None] * chunks + chunk[None, :])[:, :, None]
-        positions = tl.load(values_ptr + row_chunk * 48 + tl.arange(0, 16)[None, None, :], mask=ok, other=PAD | PAD << 4)
-        codes = tl.load(values_ptr + row_chunk * 48 + 16 + lane[None, None, :], mask=ok, other=0)
-        # byte l holds group l in its low nibble and group 16 + l in its high one
-        nibbles = tl.reshape(tl.permute(tl.join(positions & 15, positions >> 4), (0, 1, 3, 2)), (BLOCK_N, STEPS * 32))
-        grid = meta_ptr + row_chunk * (2 * LANES) + grid_lane[None, None, :]
-        scale = tl.reshape(tl.load(grid, mask=ok, other=0.0), (BLOCK_N, STEPS * 32))
-        offset = tl.reshape(tl.load(grid + LANES, mask=ok, other=0.0), (BLOCK_N, STEPS * 32))
-        codes = tl.reshape(codes, (BLOCK_N, STEPS * 32))
-        real = nibbles != PAD
-        first = tl.where(real, (codes & 15).to(tl.float32) * scale + offset, 0.0)
-        second = tl.where(real, (codes >> 4).to(tl.float32) * scale + offset, 0.0)
-        dense = _expand(first, nibbles & 3, second, nibbles >> 2, BLOCK_N, STEPS * 32)
+        dense = _tile24q4(values_ptr, meta_ptr, rows, rows < out_features, first_chunk, chunks, PAD, LANES,
+                          BLOCK_N, STEPS)
         columns = first_chunk * COLUMNS + tl.arange(0, STEPS * COLUMNS)
         x = tl.load(x_ptr + ms[:, None] * stride_x + columns[None, :],
                     mask=(ms < m_rows)[:, None] & (columns < x_features)[None, :], other=0.0)
         acc = _accumulate(acc, x, dense, USE_DOT)
     _store(acc, bias_ptr, y_ptr, ms, rows, m_rows, out_features, stride_y, HAS_BIAS)
+
+
+@triton.jit
+def expand24(values_ptr, meta_ptr, out_ptr, out_features, half, BLOCK_N: tl.constexpr):
+    """The dense [out, in] weight into ``out`` (its dtype), one tile per program: for prefill."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start = tl.program_id(1) * (COLUMNS // 2)
+    dense = _tile24(values_ptr, meta_ptr, rows, rows < out_features, start, half, BLOCK_N, 1)
+    columns = 2 * start + tl.arange(0, COLUMNS)
+    tl.store(out_ptr + rows[:, None] * (2 * half) + columns[None, :], dense.to(out_ptr.dtype.element_ty),
+             mask=(rows < out_features)[:, None] & (columns < 2 * half)[None, :])
+
+
+@triton.jit
+def expand24q4(values_ptr, meta_ptr, out_ptr, out_features, chunks, in_features, PAD: tl.constexpr,
+               LANES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dense dequantized [out, in] weight into ``out`` (its dtype), one tile per program: for prefill."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dense = _tile24q4(values_ptr, meta_ptr, rows, rows < out_features, tl.program_id(1), chunks, PAD, LANES,
+                      BLOCK_N, 1)
+    columns = tl.program_id(1) * COLUMNS + tl.arange(0, COLUMNS)
+    tl.store(out_ptr + rows[:, None] * in_features + columns[None, :], dense.to(out_ptr.dtype.element_ty),
+             mask=(rows < out_features)[:, None] & (columns < in_features)[None, :])
+
+
+EXPAND_ROWS = 32  # output rows per program of the expand kernels (a [32, 128] tile)

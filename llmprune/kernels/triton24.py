@@ -76,7 +76,10 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torc
     out_features, half = values.shape
     flat = x.reshape(-1, half * 2).contiguous()
     if flat.shape[0] >= _triton_jit.PREFILL_M:
-        return F.linear(x, from_layout(values, meta), bias)
+        dense = torch.empty(out_features, 2 * half, dtype=x.dtype, device=x.device)
+        grid = (-(-out_features // _triton_jit.EXPAND_ROWS), -(-half // (_triton_jit.COLUMNS // 2)))
+        _triton_jit.expand24[grid](values, meta, dense, out_features, half, BLOCK_N=_triton_jit.EXPAND_ROWS)
+        return F.linear(x, dense, bias)
     y = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)
     shape = _triton_jit.blocks(flat.shape[0], x.dtype, block_n, block_m, steps)
     grid = (-(-out_features // shape.block_n), -(-flat.shape[0] // shape.block_m))

@@ -46,9 +46,8 @@ def to_layout(q: Int24, name: str = "weight") -> tuple[torch.Tensor, torch.Tenso
     return rows.contiguous(), grid.contiguous()
 
 
-def from_layout(values: torch.Tensor, meta: torch.Tensor, in_features: int | None = None) -> torch.Tensor:
-    """The inverse of ``to_layout``: the dense float32 ``[out, in]`` weight, equal to ``Int24.dequantize()``
-    (``in_features`` when known: otherwise it is read back from the padding nibbles, a host synchronisation)."""
+def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``to_layout``: the dense float32 ``[out, in]`` weight, equal to ``Int24.dequantize()``."""
     out_features, chunks, _ = values.shape
     positions, codes = values[..., :16], values[..., 16:]
     nibbles = torch.cat([positions & 15, positions >> 4], -1).long()  # [out, chunks, 32]: group j of each chunk
@@ -57,8 +56,7 @@ def from_layout(values: torch.Tensor, meta: torch.Tensor, in_features: int | Non
     dense = torch.zeros(out_features, chunks, CHUNK, 4, dtype=torch.float32, device=values.device)
     dense.scatter_(3, (nibbles & 3)[..., None], ((codes & 15).float() * scale + offset)[..., None])
     dense.scatter_(3, (nibbles >> 2)[..., None], ((codes >> 4).float() * scale + offset)[..., None])
-    if in_features is None:
-        in_features = stored_in_features(values[0, -1, :16], chunks)
+    in_features = stored_in_features(values[0, -1, :16], chunks)
     return dense.reshape(out_features, -1)[:, :in_features].contiguous()
 
 
@@ -81,7 +79,11 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torc
                             f"device ({values.device}); got {x.dtype} on {x.device}")
     flat = x.reshape(-1, x_features).contiguous()
     if flat.shape[0] >= _triton_jit.PREFILL_M:
-        return F.linear(x, from_layout(values, meta, x_features).to(x.dtype), bias)
+        dense = torch.empty(out_features, x_features, dtype=x.dtype, device=x.device)
+        grid = (-(-out_features // _triton_jit.EXPAND_ROWS), chunks)
+        _triton_jit.expand24q4[grid](values, meta, dense, out_features, chunks, x_features, PAD=PAD,
+                                     LANES=meta.shape[-1], BLOCK_N=_triton_jit.EXPAND_ROWS)
+        return F.linear(x, dense, bias)
     y = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)
     shape = _triton_jit.blocks(flat.shape[0], x.dtype, block_n, block_m, steps)
     grid = (-(-out_features // shape.block_n), -(-flat.shape[0] // shape.block_m))

@@ -13,7 +13,9 @@ Weights stream from memory as in decode: each call takes the next of a pool of c
 ``--pool-mb`` in its own format (H200: 60 MB of L2). Every configuration's output is checked against the
 dense product first (a configuration that computes something else must not win). The table gives, per
 shape and M, the dense time, the default configuration's time and the best configuration's; the last
-table, the configuration with the best geometric-mean time over all cases.
+table, the configuration with the best geometric-mean time over all cases. The prefill path (the weight
+expanded by ``expand24``/``expand24q4``, then cuBLAS) is timed at every M as the configuration
+"expand, cuBLAS": where it wins, ``_triton_jit.PREFILL_M`` should move down.
 """
 from __future__ import annotations
 
@@ -38,6 +40,9 @@ KERNELS = {
     "triton24": (triton24, ("block_n", "steps"), ((8, 16, 32), (1, 2, 4, 8))),
     "triton24q4": (triton24q4, ("block_n", "steps"), ((8, 16, 32), (1, 2, 4, 8))),
 }
+# The configuration row of the prefill path (weight expanded, then cuBLAS) timed at every M, so that the M
+# from which it wins (``_triton_jit.PREFILL_M``) is read from the same table.
+EXPAND = ("expand", "cuBLAS")
 FORMATS = {"triton24": "triton", "triton24q4": "triton+int4"}  # their names in eval.speed.byte_ceiling
 QUICK = {"triton24": ((8, 16), (1,)), "triton24q4": ((8, 16), (1,))}
 
@@ -86,15 +91,17 @@ def tune(kernel: str, shapes: list[tuple[int, int]], ms: list[int], dtype: torch
             xs = [torch.randn(m, in_features, generator=generator).to(device=device, dtype=dtype) for _ in range(4)]
             dense_s = timed(lambda i: F.linear(xs[i % 4], dense_pool[i % copies]), copies)
             expected = F.linear(xs[0].float(), dense.float())
-            for first, second in itertools.product(*candidates):
-                options = {keys[0]: first, keys[1]: second}
+            configurations = [({keys[0]: a, keys[1]: b}, (a, b)) for a, b in itertools.product(*candidates)]
+            configurations.append(({"expand_from": 1}, EXPAND))  # the prefill path at this M
+            for options, label in configurations:
                 got = module.linear(xs[0], *pool[0], **options).float()
                 error = ((got - expected).norm() / expected.norm()).item()
                 if not error < 2e-2:
                     raise SystemExit(f"{kernel} {options} at {out_features}x{in_features}, M={m}: output differs "
                                      f"from the dense product by {error:.2e}")
                 seconds = timed(lambda i: module.linear(xs[i % 4], *pool[i % own], **options), own)
-                rows.append({"kernel": kernel, "out": out_features, "in": in_features, "m": m, **options,
+                rows.append({"kernel": kernel, "out": out_features, "in": in_features, "m": m,
+                             keys[0]: label[0], keys[1]: label[1],
                              "dtype": str(dtype).removeprefix("torch."),
                              "us": round(seconds * 1e6, 2), "dense_us": round(dense_s * 1e6, 2),
                              "speedup": dense_s / seconds})

@@ -209,7 +209,8 @@ def test_tune_triton_checks_each_configuration_and_reports_the_defaults(tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {row["kernel"] for row in rows} == {"triton24", "triton24q4"}
-    assert len(rows) == 2 * 2 * 2  # two configurations, two Ms, per kernel
+    assert len(rows) == 2 * 2 * 3  # two configurations and the expand path, two Ms, per kernel
+    assert sum((r["block_n"], r["steps"]) == ("expand", "cuBLAS") for r in rows) == 2 * 2
     assert "#### triton24 (default: `_triton_jit.blocks` for each M)" in proc.stdout
     # M = 1 and 2 default to (block_n 16, block_m 1 / 2); the quick candidates hold the first only
     assert proc.stdout.count("| 32x256 | 1 |") == 2 and "| 32x256 | 2 |" in proc.stdout and "not tried" in proc.stdout

@@ -67,15 +67,16 @@ def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
-           block_n: int | None = None, block_m: int | None = None, steps: int | None = None) -> torch.Tensor:
+           block_n: int | None = None, block_m: int | None = None, steps: int | None = None,
+           expand_from: int | None = None) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 weight in ``(values, meta)`` layout, transposed, plus ``bias``.
     Block sizes not given come from ``_triton_jit.blocks`` for the rows of ``x`` (tensor cores from 16 rows on);
-    from ``PREFILL_M`` rows on, the weight is expanded for the call and cuBLAS multiplies."""
+    from ``expand_from`` rows on (default ``PREFILL_M``), the weight is expanded for the call and cuBLAS multiplies."""
     from . import _triton_jit
 
     out_features, half = values.shape
     flat = x.reshape(-1, half * 2).contiguous()
-    if flat.shape[0] >= _triton_jit.PREFILL_M:
+    if flat.shape[0] >= (expand_from or _triton_jit.PREFILL_M):
         dense = torch.empty(out_features, 2 * half, dtype=x.dtype, device=x.device)
         grid = (-(-out_features // _triton_jit.EXPAND_ROWS), -(-half // (_triton_jit.COLUMNS // 2)))
         _triton_jit.expand24[grid](values, meta, dense, out_features, half, BLOCK_N=_triton_jit.EXPAND_ROWS)

@@ -61,12 +61,13 @@ def from_layout(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
-           block_n: int | None = None, block_m: int | None = None, steps: int | None = None) -> torch.Tensor:
+           block_n: int | None = None, block_m: int | None = None, steps: int | None = None,
+           expand_from: int | None = None) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 + INT4 weight in ``(values, meta)`` layout, transposed, plus
     ``bias``, in ``x``'s dtype. ``in`` is checked against the number of chunks (the exact count sits in
     the padding nibbles on the device, and reading it back would synchronise every call); inputs are
     read only up to ``x``'s width. Block sizes not given come from ``_triton_jit.blocks`` for the rows of ``x``;
-    from ``PREFILL_M`` rows on, the weight is dequantized for the call and cuBLAS multiplies."""
+    from ``expand_from`` rows on (default ``PREFILL_M``), the weight is dequantized for the call and cuBLAS multiplies."""
     from . import _triton_jit
 
     out_features, chunks, _ = values.shape
@@ -78,7 +79,7 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torc
         raise LLMPruneError(f"the Triton 2:4+INT4 kernel takes float16, bfloat16 or float32 x on the weight's "
                             f"device ({values.device}); got {x.dtype} on {x.device}")
     flat = x.reshape(-1, x_features).contiguous()
-    if flat.shape[0] >= _triton_jit.PREFILL_M:
+    if flat.shape[0] >= (expand_from or _triton_jit.PREFILL_M):
         dense = torch.empty(out_features, x_features, dtype=x.dtype, device=x.device)
         grid = (-(-out_features // _triton_jit.EXPAND_ROWS), chunks)
         _triton_jit.expand24q4[grid](values, meta, dense, out_features, chunks, x_features, PAD=PAD,

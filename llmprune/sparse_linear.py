@@ -21,6 +21,8 @@ transformers loads. Reading packed tensors is the checkpoint codecs' job, not th
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +56,9 @@ class SparseLinear(nn.Module):
         dense = hybrid_columns(self.in_features, self.dense_ranges, name)
         self.register_buffer("sparse_index", (~dense).nonzero().flatten().to(weight.device), persistent=False)
         self.register_buffer("dense_index", dense.nonzero().flatten().to(weight.device), persistent=False)
+        # each index as (start, length) when it is one contiguous run, decided here: reading it on every call
+        # would synchronise with the device and break torch.compile's graph
+        self._runs = {key: _run(mask) for key, mask in (("sparse_index", ~dense), ("dense_index", dense))}
         self.transposed = transposed
         self.requested_backend = backend
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -126,13 +131,24 @@ class SparseLinear(nn.Module):
         return pack_24(self.sparse_weight, self.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        call = self.__dict__.get("_bound")
+        if torch.compiler.is_compiling():  # no cached closure: the kernels as operators torch.compile can trace
+            call = functools.partial(self._traced, out_features=self.out_features)
+        else:
+            call = self.__dict__.get("_bound")
         if call is None:  # bound at the first call and after every move (``_apply``)
             call = self._bound = self.kernel_backend.bind(self.kernel, self.meta)
         if self.hybrid:
-            return call(_columns(x, self.sparse_index), self.bias) + F.linear(_columns(x, self.dense_index),
-                                                                             self.dense_weight)
+            return call(self._columns(x, "sparse_index"), self.bias) + F.linear(self._columns(x, "dense_index"),
+                                                                               self.dense_weight)
         return call(x, self.bias)
+
+    def _columns(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        """``x[..., index]``: a view when the index is one contiguous run, else a gather."""
+        run = self._runs[key]
+        return x.narrow(-1, *run) if run else x.index_select(-1, getattr(self, key))
+
+    def _traced(self, x: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+        return self.kernel_backend.traced(x, self.kernel, self.meta, bias, out_features)
 
     def _apply(self, fn, recurse: bool = True):
         self.__dict__.pop("_bound", None)  # it holds the tensors as they were
@@ -169,11 +185,10 @@ class SparseLinear(nn.Module):
         return text
 
 
-def _columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[..., index]``: a view when ``index`` is one contiguous run, else a gather."""
-    if index.numel() and int(index[-1]) - int(index[0]) + 1 == index.numel():
-        return x.narrow(-1, int(index[0]), index.numel())
-    return x.index_select(-1, index)
+def _run(mask: torch.Tensor) -> tuple[int, int] | None:
+    """(start, length) of the columns ``mask`` marks when they are one non-empty contiguous run, else None."""
+    columns = mask.nonzero().flatten().tolist()
+    return (columns[0], len(columns)) if columns and columns[-1] - columns[0] + 1 == len(columns) else None
 
 
 def join_regions(sparse: torch.Tensor, dense: torch.Tensor, dense_ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:

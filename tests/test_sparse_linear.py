@@ -163,3 +163,28 @@ def test_auto_on_cuda_is_dense_for_fp_and_triton_for_int4() -> None:
     assert auto_backend(torch.device("cuda")) == "dense"
     assert auto_backend(torch.device("cuda"), quantized=True) == "triton"
     assert auto_backend(torch.device("cpu")) == auto_backend(torch.device("cpu"), quantized=True) == "numba"
+
+
+@pytest.mark.parametrize("backend, quantized", [("dense", False), ("dense", True), ("numba", False), ("numba", True)],
+                         ids=["dense", "dense-int4", "numba", "numba-int4"])
+@torch.inference_mode()
+def test_torch_compile_takes_a_whole_model_in_one_graph(backend: str, quantized: bool) -> None:
+    """torch.compile(fullgraph=True), the way to CUDA graphs (mode="reduce-overhead") and HF's compiled static-cache
+    generate(): kernel layers are one opaque operator each (``llmprune::kernel_linear``), never a graph break."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+    from conftest import tiny_model
+
+    from llmprune.eval.speed import sparse_copy
+
+    model = sparse_copy(tiny_model().eval(), backend, int4=quantized)
+    assert {m.backend for m in model.modules() if isinstance(m, SparseLinear)} == {backend}
+    ids = torch.tensor([[5, 17, 3, 9, 11]])
+    expected = model(ids).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    hybrid = SparseLinear(torch.randn(8, 16) * torch.tensor([1.0, 0.0, 1.0, 0.0] * 2 + [1.0] * 8), backend=backend,
+                          dense_ranges=((8, 16),))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(torch.compile(hybrid, backend="aot_eager", fullgraph=True)(x), hybrid(x))

@@ -59,6 +59,9 @@ KERNEL_CHECK = textwrap.dedent('''
         assert module.backend == "triton", module.fallback_reason
         assert torch.equal(module.weight, weight)
         torch.testing.assert_close(module(x[None]), expected[None], rtol=rtol, atol=atol)
+    # torch.compile(fullgraph=True) sees the kernel as one operator (llmprune::kernel_linear)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x[None]), module(x[None]), rtol=0, atol=0)
     odd = SparseLinear((torch.ones(8, 48) * NM(2, 4).keep_mask(torch.rand(8, 48))), backend="triton")
     assert odd.backend == "dense" and "multiple of 32" in odd.fallback_reason
     print("KERNEL OK")

@@ -50,6 +50,11 @@ class Backend:
         """``linear`` for these tensors as ``call(x, bias)``; a kernel may prepare what does not depend on ``x``."""
         return lambda x, bias: self.linear(x, values, meta, bias)
 
+    def traced(self, x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor | None, bias: torch.Tensor | None,
+               out_features: int) -> torch.Tensor:
+        """``linear`` as ``torch.compile`` should see it (its default: traced through)."""
+        return self.linear(x, values, meta, bias)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -81,6 +86,25 @@ class KernelModule(Backend):
     def bind(self, values, meta):
         module = self._module
         return module.bind(values, meta) if hasattr(module, "bind") else super().bind(values, meta)
+
+    def traced(self, x, values, meta, bias, out_features):
+        # numba and Triton calls are opaque to torch.compile: one custom operator, shapes from its fake
+        if self.name == "semi-structured":
+            return self.linear(x, values, meta, bias)  # torch's own tensor subclass, traceable
+        return torch.ops.llmprune.kernel_linear(x, values, meta, bias, self._module_name, out_features)
+
+
+@torch.library.custom_op("llmprune::kernel_linear", mutates_args=())
+def _kernel_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+                   module: str, out_features: int) -> torch.Tensor:
+    """A kernel module's ``linear`` as one operator, so that ``torch.compile(model, fullgraph=True)`` and its
+    CUDA graphs (``mode="reduce-overhead"``) take models with numba or Triton 2:4 layers."""
+    return importlib.import_module(f"{__name__}.{module}").linear(x, values, meta, bias)
+
+
+@_kernel_linear.register_fake
+def _(x, values, meta, bias, module, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 class Dense(Backend):

@@ -36,9 +36,10 @@ from llmprune.kernels import triton24, triton24q4
 LLAMA_7B = "4096x4096,11008x4096,4096x11008"
 # name: (its module, the two block-size keywords of its `linear`, their candidate values)
 # name: (its module, the two block-size keywords of its `linear`, their candidate values)
+# The first H200 sweep (8-32 rows, 1-8 chunks) favoured the fewest rows and the most chunks: these extend it.
 KERNELS = {
-    "triton24": (triton24, ("block_n", "steps"), ((8, 16, 32), (1, 2, 4, 8))),
-    "triton24q4": (triton24q4, ("block_n", "steps"), ((8, 16, 32), (1, 2, 4, 8))),
+    "triton24": (triton24, ("block_n", "steps"), ((4, 8, 16), (2, 4, 8, 16))),
+    "triton24q4": (triton24q4, ("block_n", "steps"), ((4, 8, 16), (2, 4, 8, 16))),
 }
 # The configuration row of the prefill path (weight expanded, then cuBLAS) timed at every M, so that the M
 # from which it wins (``_triton_jit.PREFILL_M``) is read from the same table.

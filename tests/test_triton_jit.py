@@ -5,6 +5,7 @@ kernels, are compiled here to GPU machine code, and must not spill registers to 
 from __future__ import annotations
 
 import inspect
+import itertools
 import re
 import subprocess
 from pathlib import Path
@@ -29,7 +30,7 @@ def hopper_target():
     return GPUTarget("cuda", 90, 32)
 
 
-def compiled(kernel: str, dtype: torch.dtype, shape):
+def compiled(kernel: str, dtype: torch.dtype, shape, lanes: int = 1):
     from llmprune.kernels import _triton_jit
 
     fn = getattr(_triton_jit, kernel)
@@ -42,7 +43,7 @@ def compiled(kernel: str, dtype: torch.dtype, shape):
     if kernel.startswith("expand"):
         constants = {"BLOCK_N": _triton_jit.EXPAND_ROWS}
     if kernel.endswith("q4"):
-        constants.update(PAD=15, LANES=1)
+        constants.update(PAD=15, LANES=lanes)
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
     return triton.compile(source, target=hopper_target(), options={"num_warps": shape.num_warps})
 
@@ -58,8 +59,9 @@ def test_every_block_configuration_compiles_for_hopper_without_spills(kernel: st
     if kernel.startswith("expand"):  # one launch shape (prefill)
         configurations = configurations[:1]
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    for shape in configurations:
-        binary = compiled(kernel, dtype, shape).asm["cubin"]
+    # INT4 grids: one (scale, offset) per 128 columns (its own code path), or one per group of 4
+    for shape, lanes in itertools.product(configurations, (1, 32) if kernel.endswith("q4") else (1,)):
+        binary = compiled(kernel, dtype, shape, lanes).asm["cubin"]
         assert binary, shape
         if cuobjdump.exists():
             path = tmp_path / f"{kernel}.cubin"

@@ -121,9 +121,15 @@ def _tile24q4(values_ptr, meta_ptr, rows, row_ok, first_chunk, chunks, PAD: tl.c
                        (BLOCK_N, STEPS * 32))
     # byte l holds group l in its low nibble and group 16 + l in its high one
     nibbles = tl.reshape(tl.permute(tl.join(positions & 15, positions >> 4), (0, 1, 3, 2)), (BLOCK_N, STEPS * 32))
-    grid = meta_ptr + row_chunk * (2 * LANES) + grid_lane[None, None, :]
-    scale = tl.reshape(tl.load(grid, mask=ok, other=0.0), (BLOCK_N, STEPS * 32))
-    offset = tl.reshape(tl.load(grid + LANES, mask=ok, other=0.0), (BLOCK_N, STEPS * 32))
+    if LANES == 1:  # one (scale, offset) per chunk row (group size 128): load it once, not once per group
+        scale = tl.load(meta_ptr + row_chunk * 2, mask=ok, other=0.0)
+        offset = tl.load(meta_ptr + row_chunk * 2 + 1, mask=ok, other=0.0)
+        scale = tl.reshape(tl.broadcast_to(scale, (BLOCK_N, STEPS, 32)), (BLOCK_N, STEPS * 32))
+        offset = tl.reshape(tl.broadcast_to(offset, (BLOCK_N, STEPS, 32)), (BLOCK_N, STEPS * 32))
+    else:
+        grid = meta_ptr + row_chunk * (2 * LANES) + grid_lane[None, None, :]
+        scale = tl.reshape(tl.load(grid, mask=ok, other=0.0), (BLOCK_N, STEPS * 32))
+        offset = tl.reshape(tl.load(grid + LANES, mask=ok, other=0.0), (BLOCK_N, STEPS * 32))
     real = nibbles != PAD
     first = tl.where(real, (codes & 15).to(tl.float32) * scale + offset, 0.0)
     second = tl.where(real, (codes >> 4).to(tl.float32) * scale + offset, 0.0)

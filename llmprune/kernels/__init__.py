@@ -89,12 +89,11 @@ class KernelModule(Backend):
 
     def traced(self, x, values, meta, bias, out_features):
         # numba and Triton calls are opaque to torch.compile: one custom operator, shapes from its fake
-        if self.name == "semi-structured":
-            return self.linear(x, values, meta, bias)  # torch's own tensor subclass, traceable
-        return torch.ops.llmprune.kernel_linear(x, values, meta, bias, self._module_name, out_features)
+        if self.name == "semi-structured" or _KERNEL_OP is None:  # torch's own tensor subclass: traceable
+            return self.linear(x, values, meta, bias)
+        return _KERNEL_OP(x, values, meta, bias, self._module_name, out_features)
 
 
-@torch.library.custom_op("llmprune::kernel_linear", mutates_args=())
 def _kernel_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
                    module: str, out_features: int) -> torch.Tensor:
     """A kernel module's ``linear`` as one operator, so that ``torch.compile(model, fullgraph=True)`` and its
@@ -102,9 +101,20 @@ def _kernel_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bi
     return importlib.import_module(f"{__name__}.{module}").linear(x, values, meta, bias)
 
 
-@_kernel_linear.register_fake
-def _(x, values, meta, bias, module, out_features):
-    return x.new_empty(*x.shape[:-1], out_features)
+def _register_kernel_op():
+    """``llmprune::kernel_linear``, or None on a torch without this custom-operator API (torch.compile then
+    traces into the kernels and breaks its graph there; eager use is unaffected). The schema is spelled out:
+    inferring it from postponed PEP 604 annotations fails on some torch versions."""
+    try:
+        op = torch.library.custom_op("llmprune::kernel_linear", mutates_args=(), schema=(
+            "(Tensor x, Tensor values, Tensor meta, Tensor? bias, str module, int out_features) -> Tensor"))(_kernel_linear)
+        op.register_fake(lambda x, values, meta, bias, module, out_features: x.new_empty(*x.shape[:-1], out_features))
+    except (AttributeError, TypeError, RuntimeError, ValueError):
+        return None
+    return op
+
+
+_KERNEL_OP = _register_kernel_op()
 
 
 class Dense(Backend):

@@ -12,6 +12,7 @@ from helpers import prune_args, run_cli
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from llmprune.errors import LLMPruneError
 from llmprune.eval.speed import (FREE, StaticDecode, byte_ceiling, decode_table, free_copy, gemm_table, median_seconds,
                                  random_24, sparse_copy)
 from llmprune.patterns import NM
@@ -150,6 +151,8 @@ def test_static_decode_is_greedy_generate_and_its_step_never_waits_for_the_devic
         decode.step()
     assert syncs.seen == [] and decode.steps == 2
     assert torch.equal(decode.run(), expected) and decode.steps == 5
+    with pytest.raises(LLMPruneError, match="at least 4 new tokens"):  # checked before any CUDA call
+        StaticDecode(model, prompt, 3).capture()
 
 
 def test_tables_show_cuda_graph_columns_only_where_timed() -> None:

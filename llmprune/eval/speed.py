@@ -84,19 +84,24 @@ def median_seconds(fn: Callable[[int], object], device: torch.device, repeats: i
     return statistics.median(times)
 
 
-def graph_seconds(fn: Callable[[int], object], calls: int, repeats: int = 20, warmup: int = 3) -> float:
-    """GPU seconds per call of ``fn(0)`` … ``fn(calls - 1)`` captured as one CUDA graph and replayed (median
-    over ``repeats`` replays): the kernels' time without the host's launch overhead."""
+def _capture(body: Callable[[], object], warmup: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """``body`` recorded as a CUDA graph (recording runs nothing), after ``warmup`` ran off the default stream,
+    as capture requires: Triton compiles and the allocator settles there."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires (compiles, allocates)
-        for i in range(warmup):
-            fn(i)
+    with torch.cuda.stream(side):
+        warmup()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
+        body()
+    return graph
+
+
+def graph_seconds(fn: Callable[[int], object], calls: int, repeats: int = 20, warmup: int = 3) -> float:
+    """GPU seconds per call of ``fn(0)`` … ``fn(calls - 1)`` captured as one CUDA graph and replayed (median
+    over ``repeats`` replays): the kernels' time without the host's launch overhead."""
+    graph = _capture(lambda: [fn(i) for i in range(calls)], lambda: [fn(i) for i in range(warmup)])
     graph.replay()
     times = []
     for _ in range(repeats):
@@ -249,6 +254,9 @@ def _elapsed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - clock
 
 
+GRAPH_MIN_TOKENS = 4  # a captured decode: the prefill's token, 2 warm-up steps, then at least one replay
+
+
 class StaticDecode:
     """Greedy decoding on a static KV cache in which one step is a fixed sequence of kernels with no host
     synchronisation: the next token, its position and the attention mask stay on the device, and each step
@@ -274,8 +282,8 @@ class StaticDecode:
         self.tokens[:, 0] = logits[:, -1].argmax(-1)
         self.position = positions[-1:] + 1  # of the token fed next
         self.slots = torch.arange(prompt_len + new_tokens, device=prompt.device)
-        self.blocked = torch.finfo(logits.dtype if logits.is_floating_point() else torch.float32).min
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.blocked = torch.finfo(self.dtype).min
         self.steps = 0  # taken so far, eagerly or as replays
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -292,19 +300,13 @@ class StaticDecode:
         self.steps += 1
 
     def capture(self, warmup: int = 2) -> None:
-        """Take ``warmup`` steps eagerly off the default stream (Triton compiles, allocations settle; capture
-        requires it), then record one step as a CUDA graph. Recording runs nothing, so no token is lost."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        steps = self.steps
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
-        self.steps = steps
+        """Take ``warmup`` real steps eagerly, then record one step as a CUDA graph; recording runs nothing,
+        so that step is not counted and no token is lost. At least one step must be left to replay."""
+        if self.steps + warmup + 1 > self.new_tokens - 1:
+            raise LLMPruneError(f"a captured decode needs at least {self.steps + warmup + 2} new tokens "
+                                f"({warmup} warm-up steps, then replays); got {self.new_tokens}")
+        self.graph = _capture(self.step, lambda: [self.step() for _ in range(warmup)])
+        self.steps -= 1
 
     def run(self) -> torch.Tensor:
         """The steps left; ``[batch, new_tokens]``: the greedy tokens after the prompt."""
@@ -337,8 +339,9 @@ def decode_benchmark(models: dict[str, nn.Module], batch_sizes: list[int], promp
 
     The models take turns within each repeat (after one warm-up run each), so a noisy machine
     slows them alike; decode time is the generate() time minus the prefill time (medians). On CUDA each
-    row also has ``graph_tok_s``: the same greedy decode with its step replayed as a CUDA graph
-    (``StaticDecode``; the median of ``repeats`` runs), None with ``graph_error`` where capture fails."""
+    row also has ``graph_tok_s`` (from ``GRAPH_MIN_TOKENS`` new tokens): the same greedy decode with its step
+    replayed as a CUDA graph (``StaticDecode``; the median of ``repeats`` runs), None with ``graph_error``
+    where capture fails."""
     rows: list[dict] = []
     bar = tqdm(total=len(batch_sizes) * (repeats + 1), desc="decode", unit="round", disable=not progress)
     for batch in batch_sizes:
@@ -356,7 +359,7 @@ def decode_benchmark(models: dict[str, nn.Module], batch_sizes: list[int], promp
                     times[label]["total"].append(total)
             bar.update()
         graphed: dict[str, list[tuple[float | None, str | None]]] = {label: [] for label in models}
-        if device.type == "cuda" and new_tokens > 1:
+        if device.type == "cuda" and new_tokens >= GRAPH_MIN_TOKENS:
             for _ in range(repeats):
                 for label, model in models.items():
                     graphed[label].append(_graph_tok_s(model, prompt, new_tokens))

@@ -133,9 +133,7 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # no cached closure: the kernels as operators torch.compile can trace
             call = functools.partial(self._traced, out_features=self.out_features)
-        else:
-            call = self.__dict__.get("_bound")
-        if call is None:  # bound at the first call and after every move (``_apply``)
+        elif (call := self.__dict__.get("_bound")) is None:  # bound at the first call and after every move (_apply)
             call = self._bound = self.kernel_backend.bind(self.kernel, self.meta)
         if self.hybrid:
             return call(self._columns(x, "sparse_index"), self.bias) + F.linear(self._columns(x, "dense_index"),

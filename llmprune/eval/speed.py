@@ -4,7 +4,7 @@ end-to-end prefill and decode, dense and sparse, in one run.
 Timing: CUDA events on CUDA, ``perf_counter`` on CPU; warm-up first, then the median of many
 repeats, each on a fresh random input (a rotating pool, never zeros). On CUDA every case is also
 timed as CUDA-graph replays (``graph_seconds``, ``StaticDecode``): an eager call's time includes the
-host launching it (measured on an H200: 25-50 µs per GEMM call, more than the GEMV itself takes),
+host launching it (measured on an H200: 25-60 µs per GEMM call, more than the GEMV itself takes),
 which the graph removes, as a server that captures its decode step does. Decode streams every weight
 from memory once per token, so by default each call also takes the next of a pool of weight copies
 larger than any cache (``pool_bytes``); a single weight repeated would be timed from cache instead,

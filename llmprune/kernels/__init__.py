@@ -62,10 +62,11 @@ class Backend:
 class KernelModule(Backend):
     """The four functions of one kernel module (imported on first use: numba and triton are optional)."""
 
-    def __init__(self, name: str, module: str, fixed_dtypes: bool = False) -> None:
+    def __init__(self, name: str, module: str, fixed_dtypes: bool = False, opaque: bool = True) -> None:
         self.name = name
         self._module_name = module
         self.fixed_dtypes = fixed_dtypes
+        self.opaque = opaque  # torch.compile cannot trace into it (numba, Triton launches)
 
     @functools.cached_property
     def _module(self):
@@ -88,8 +89,8 @@ class KernelModule(Backend):
         return module.bind(values, meta) if hasattr(module, "bind") else super().bind(values, meta)
 
     def traced(self, x, values, meta, bias, out_features):
-        # numba and Triton calls are opaque to torch.compile: one custom operator, shapes from its fake
-        if self.name == "semi-structured" or _KERNEL_OP is None:  # torch's own tensor subclass: traceable
+        # an opaque kernel becomes one custom operator, its output shape from the operator's fake
+        if not self.opaque or _KERNEL_OP is None:
             return self.linear(x, values, meta, bias)
         return _KERNEL_OP(x, values, meta, bias, self._module_name, out_features)
 
@@ -155,7 +156,7 @@ class DenseInt(Dense):
         return super().prepare(weight.dequantize().to(self.dtype), name)
 
 
-_KERNELS = {"semi-structured": KernelModule("semi-structured", "semi_structured"),
+_KERNELS = {"semi-structured": KernelModule("semi-structured", "semi_structured", opaque=False),  # torch's own subclass
             "triton": KernelModule("triton", "triton24"), "numba": KernelModule("numba", "numba24", True)}
 _INT_KERNELS = {"triton": KernelModule("triton", "triton24q4"), "numba": KernelModule("numba", "numba24q4", True)}
 

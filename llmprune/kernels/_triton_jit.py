@@ -23,6 +23,7 @@ COLUMNS = tl.constexpr(128)  # input columns per chunk: a chunk row of the INT4 
 # are masked). On an H200 the elementwise product over 8 rows took 1.5-7x as long as the 16-row dot tile
 # over 16 (eval/RESULTS.md, "GPU, second session").
 DOT_M = 8
+DOT_TILE = 16  # tl.dot's smallest tile side
 # Rows of x from which the kernels' ``linear`` expands the weight for the call (``expand24``/``expand24q4``)
 # and lets cuBLAS multiply: the tl.dot path measured 0.18-0.26x (2:4) and 0.03-0.06x (2:4 + INT4) of dense
 # fp16 on an H200 from M = 64 to 4096 (eval/RESULTS.md), while expanding reads the packed weight once and
@@ -48,14 +49,14 @@ def blocks(m: int, dtype: torch.dtype, block_n: int | None = None, block_m: int 
     chunks; up to 1.6× the first guess (16 rows, 4 chunks). From ``DOT_M`` rows on, 16-bit inputs take
     tensor-core tiles."""
     if m >= DOT_M and dtype in (torch.float16, torch.bfloat16):
-        default = Blocks(16 if m < 64 else 64, 64, 1, True, 4)
+        default = Blocks(DOT_TILE if m < 64 else 64, 64, 1, True, 4)
     else:
         rows = min(triton.next_power_of_2(m), 8)
         default = Blocks(rows, 8, 8 if 1 < rows <= 4 else 4, False, 4)
     chosen = default._replace(**{k: v for k, v in (("block_m", block_m), ("block_n", block_n), ("steps", steps)) if v})
     # the elementwise product holds block_m·block_n·steps·COLUMNS floats: 8 warps from 64 per thread at 4 on
-    wide = not chosen.use_dot and chosen.block_m * chosen.block_n * chosen.steps * 128 >= 64 * 128
-    return chosen._replace(use_dot=chosen.use_dot and chosen.block_m >= 16, num_warps=8 if wide else 4)
+    wide = not chosen.use_dot and chosen.block_m * chosen.block_n * chosen.steps * COLUMNS.value >= 64 * 4 * 32
+    return chosen._replace(use_dot=chosen.use_dot and chosen.block_m >= DOT_TILE, num_warps=8 if wide else 4)
 
 
 @triton.jit

@@ -70,7 +70,7 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torc
            block_n: int | None = None, block_m: int | None = None, steps: int | None = None,
            expand_from: int | None = None) -> torch.Tensor:
     """``x`` ``[..., in]`` times the 2:4 weight in ``(values, meta)`` layout, transposed, plus ``bias``.
-    Block sizes not given come from ``_triton_jit.blocks`` for the rows of ``x`` (tensor cores from 16 rows on);
+    Block sizes not given come from ``_triton_jit.blocks`` for the rows of ``x`` (tensor cores from ``DOT_M`` rows on);
     from ``expand_from`` rows on (default ``PREFILL_M``), the weight is expanded for the call and cuBLAS multiplies."""
     from . import _triton_jit
 

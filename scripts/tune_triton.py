@@ -29,17 +29,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 from llmprune.eval.speed import byte_ceiling, graph_seconds, median_seconds, random_24, random_int24
 from llmprune.kernels import triton24, triton24q4
 
 LLAMA_7B = "4096x4096,11008x4096,4096x11008"
-# name: (its module, the two block-size keywords of its `linear`, their candidate values)
-# name: (its module, the two block-size keywords of its `linear`, their candidate values)
-# The first H200 sweep (8-32 rows, 1-8 chunks) favoured the fewest rows and the most chunks: these extend it.
+# name: (its module, its key in _triton_jit.LAUNCH, the two block-size keywords of its `linear`, their
+# candidate values). The sweeps so far favoured the fewest output rows at M = 1 and more chunks per step with
+# more rows of x: the candidates span both ends.
 KERNELS = {
-    "triton24": (triton24, ("block_n", "steps"), ((4, 8, 16), (2, 4, 8, 16))),
-    "triton24q4": (triton24q4, ("block_n", "steps"), ((4, 8, 16), (2, 4, 8, 16))),
+    "triton24": (triton24, "2:4", ("block_n", "steps"), ((1, 2, 4, 8, 16), (1, 2, 4, 8, 16, 32))),
+    "triton24q4": (triton24q4, "2:4+int4", ("block_n", "steps"), ((1, 2, 4, 8, 16), (1, 2, 4, 8, 16, 32))),
 }
 # The configuration row of the prefill path (weight expanded, then cuBLAS) timed at every M, so that the M
 # from which it wins (``_triton_jit.PREFILL_M``) is read from the same table.
@@ -48,12 +49,12 @@ FORMATS = {"triton24": "triton", "triton24q4": "triton+int4"}  # their names in 
 QUICK = {"triton24": ((8, 16), (1,)), "triton24q4": ((8, 16), (1,))}
 
 
-def defaults(m: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(block_n, steps): what both kernels' ``linear`` picks for ``m`` rows of x when not told (the rows of x
+def defaults(kernel: str, m: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(block_n, steps): what the kernel's ``linear`` picks for ``m`` rows of x when not told (the rows of x
     per program follow M; the sweep leaves them to that rule)."""
     from llmprune.kernels._triton_jit import blocks
 
-    shape = blocks(m, dtype)
+    shape = blocks(m, dtype, KERNELS[kernel][1])
     return shape.block_n, shape.steps
 
 
@@ -74,7 +75,7 @@ def layouts(kernel: str, weight: torch.Tensor, copies: int,
 def tune(kernel: str, shapes: list[tuple[int, int]], ms: list[int], dtype: torch.dtype, device: torch.device,
          pool_bytes: int, repeats: int, candidates: tuple[tuple[int, ...], tuple[int, ...]]) -> list[dict]:
     """One row per (shape, M, configuration): median µs, and dense F.linear's."""
-    module, keys, _ = KERNELS[kernel]
+    module, _, keys, _ = KERNELS[kernel]
     generator = torch.Generator().manual_seed(0)
     rows = []
     for out_features, in_features in shapes:
@@ -95,7 +96,11 @@ def tune(kernel: str, shapes: list[tuple[int, int]], ms: list[int], dtype: torch
             configurations = [({keys[0]: a, keys[1]: b}, (a, b)) for a, b in itertools.product(*candidates)]
             configurations.append(({"expand_from": 1}, EXPAND))  # the prefill path at this M
             for options, label in configurations:
-                got = module.linear(xs[0], *pool[0], **options).float()
+                try:
+                    got = module.linear(xs[0], *pool[0], **options).float()
+                except OutOfResources as error:  # a tile this GPU cannot hold is not a candidate here
+                    print(f"{kernel} {options} at {out_features}x{in_features}, M={m}: skipped ({error})")
+                    continue
                 error = ((got - expected).norm() / expected.norm()).item()
                 if not error < 2e-2:
                     raise SystemExit(f"{kernel} {options} at {out_features}x{in_features}, M={m}: output differs "
@@ -111,7 +116,7 @@ def tune(kernel: str, shapes: list[tuple[int, int]], ms: list[int], dtype: torch
 
 def report(rows: list[dict], kernel: str) -> str:
     """Per case: dense, default and best; then the configurations ranked by geometric-mean speedup."""
-    module, keys, _ = KERNELS[kernel]
+    module, _, keys, _ = KERNELS[kernel]
     lines = [f"#### {kernel} (default: `_triton_jit.blocks` for each M)", "",
              f"| shape | M | dense µs | default µs (×dense) | best µs (×dense) | best {keys[0]}, {keys[1]} |",
              "|---|---:|---:|---:|---:|---|"]
@@ -119,7 +124,7 @@ def report(rows: list[dict], kernel: str) -> str:
     for out_features, in_features, m in cases:
         mine = [r for r in rows if r["kernel"] == kernel and (r["out"], r["in"], r["m"]) == (out_features, in_features, m)]
         best = min(mine, key=lambda r: r["us"])
-        default = defaults(m, getattr(torch, mine[0]["dtype"]))
+        default = defaults(kernel, m, getattr(torch, mine[0]["dtype"]))
         base = next((r for r in mine if (r[keys[0]], r[keys[1]]) == default), None)
         base_cell = f"{base['us']:.1f} ({base['speedup']:.2f}×)" if base else "not tried"
         lines.append(f"| {out_features}x{in_features} | {m} | {best['dense_us']:.1f} | {base_cell} | "
@@ -128,7 +133,9 @@ def report(rows: list[dict], kernel: str) -> str:
     for r in rows:
         if r["kernel"] == kernel:
             configs.setdefault((r[keys[0]], r[keys[1]]), []).append(math.log(r["speedup"]))
-    ranked = sorted(configs.items(), key=lambda item: -sum(item[1]) / len(item[1]))
+    # a configuration that could not run everywhere (too large for the GPU at some M) is not ranked
+    ranked = sorted(((c, v) for c, v in configs.items() if len(v) == len(cases)),
+                    key=lambda item: -sum(item[1]) / len(item[1]))
     lines += ["", f"| {keys[0]}, {keys[1]} | geomean ×dense over {len(cases)} cases |", "|---|---:|"]
     lines += [f"| {a}, {b} | {math.exp(sum(v) / len(v)):.3f} |"
               for (a, b), v in ranked[:6]]
@@ -145,6 +152,10 @@ def main() -> None:
     parser.add_argument("--pool-mb", type=int, default=256, help="MiB each format cycles through (default 256)")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="two configurations per kernel (a smoke test)")
+    parser.add_argument("--block-n", default=None, help="output rows per program to try, comma-separated "
+                        "(default 4,8,16)")
+    parser.add_argument("--steps", default=None, help="chunks per loop step to try, comma-separated "
+                        "(default 2,4,8,16)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -152,7 +163,9 @@ def main() -> None:
     ms = [int(m) for m in args.ms.split(",")]
     rows: list[dict] = []
     for kernel in args.kernels.split(","):
-        candidates = QUICK[kernel] if args.quick else KERNELS[kernel][2]
+        candidates = QUICK[kernel] if args.quick else KERNELS[kernel][3]
+        candidates = tuple(candidates[i] if given is None else tuple(int(v) for v in given.split(","))
+                           for i, given in enumerate((args.block_n, args.steps)))
         rows += tune(kernel, shapes, ms, dtype, device, args.pool_mb << 20, args.repeats, candidates)
         print(report(rows, kernel) + "\n", flush=True)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

@@ -82,7 +82,7 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torc
         _triton_jit.expand24[grid](values, meta, dense, out_features, half, BLOCK_N=_triton_jit.EXPAND_ROWS)
         return F.linear(x, dense, bias)
     y = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)
-    shape = _triton_jit.blocks(flat.shape[0], x.dtype, block_n, block_m, steps)
+    shape = _triton_jit.blocks(flat.shape[0], x.dtype, "2:4", block_n, block_m, steps)
     grid = (-(-out_features // shape.block_n), -(-flat.shape[0] // shape.block_m))
     _triton_jit.gemm24[grid](flat, values, meta, bias if bias is not None else values, y, flat.shape[0], out_features,
                              half, flat.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=shape.block_m,

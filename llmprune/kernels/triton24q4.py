@@ -86,7 +86,7 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torc
                                      LANES=meta.shape[-1], BLOCK_N=_triton_jit.EXPAND_ROWS)
         return F.linear(x, dense, bias)
     y = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)
-    shape = _triton_jit.blocks(flat.shape[0], x.dtype, block_n, block_m, steps)
+    shape = _triton_jit.blocks(flat.shape[0], x.dtype, "2:4+int4", block_n, block_m, steps)
     grid = (-(-out_features // shape.block_n), -(-flat.shape[0] // shape.block_m))
     _triton_jit.gemm24q4[grid](flat, values, meta, bias if bias is not None else meta, y, flat.shape[0], out_features,
                                chunks, x_features, flat.stride(0), y.stride(0), PAD=PAD, LANES=meta.shape[-1],

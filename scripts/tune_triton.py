@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
-from llmprune.eval.speed import byte_ceiling, graph_seconds, median_seconds, random_24, random_int24
-from llmprune.kernels import triton24, triton24q4
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, as on the GPU machine
+
+from llmprune.eval.speed import byte_ceiling, graph_seconds, median_seconds, random_24, random_int24  # noqa: E402
+from llmprune.kernels import triton24, triton24q4  # noqa: E402
 
 LLAMA_7B = "4096x4096,11008x4096,4096x11008"
 # name: (its module, its key in _triton_jit.LAUNCH, the two block-size keywords of its `linear`, their
@@ -142,6 +145,17 @@ def report(rows: list[dict], kernel: str) -> str:
     return "\n".join(lines)
 
 
+def sizes(text: str) -> tuple[int, ...]:
+    """A comma-separated list of powers of two (Triton block sides), for argparse."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 or v & (v - 1) for v in values):
+        raise argparse.ArgumentTypeError(f"block sizes must be powers of two, got {text!r}")
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated: " + ", ".join(KERNELS))
@@ -152,10 +166,11 @@ def main() -> None:
     parser.add_argument("--pool-mb", type=int, default=256, help="MiB each format cycles through (default 256)")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="two configurations per kernel (a smoke test)")
-    parser.add_argument("--block-n", default=None, help="output rows per program to try, comma-separated "
-                        "(default 4,8,16)")
-    parser.add_argument("--steps", default=None, help="chunks per loop step to try, comma-separated "
-                        "(default 2,4,8,16)")
+    grid = KERNELS["triton24"][3]
+    parser.add_argument("--block-n", type=sizes, default=None, help="output rows per program to try, "
+                        f"comma-separated (default {','.join(map(str, grid[0]))})")
+    parser.add_argument("--steps", type=sizes, default=None, help="chunks per loop step to try, "
+                        f"comma-separated (default {','.join(map(str, grid[1]))})")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -164,8 +179,8 @@ def main() -> None:
     rows: list[dict] = []
     for kernel in args.kernels.split(","):
         candidates = QUICK[kernel] if args.quick else KERNELS[kernel][3]
-        candidates = tuple(candidates[i] if given is None else tuple(int(v) for v in given.split(","))
-                           for i, given in enumerate((args.block_n, args.steps)))
+        candidates = tuple(default if given is None else given
+                           for default, given in zip(candidates, (args.block_n, args.steps)))
         rows += tune(kernel, shapes, ms, dtype, device, args.pool_mb << 20, args.repeats, candidates)
         print(report(rows, kernel) + "\n", flush=True)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

@@ -212,5 +212,5 @@ def test_tune_triton_checks_each_configuration_and_reports_the_defaults(tmp_path
     assert len(rows) == 2 * 2 * 3  # two configurations and the expand path, two Ms, per kernel
     assert sum((r["block_n"], r["steps"]) == ("expand", "cuBLAS") for r in rows) == 2 * 2
     assert "#### triton24 (default: `_triton_jit.blocks` for each M)" in proc.stdout
-    # M = 1 and 2 default to (block_n 16, block_m 1 / 2); the quick candidates hold the first only
+    # the quick candidates (8 or 16 output rows, 1 chunk) hold neither M's default launch shape
     assert proc.stdout.count("| 32x256 | 1 |") == 2 and "| 32x256 | 2 |" in proc.stdout and "not tried" in proc.stdout

@@ -164,10 +164,10 @@ _INT_KERNELS = {"triton": KernelModule("triton", "triton24q4"), "numba": KernelM
 def auto_backend(device: torch.device, quantized: bool = False) -> str:
     """What ``auto`` means on ``device``: our numba kernels on CPU; on a GPU, dense for 2:4 fp weights and
     our Triton kernel for 4-bit codes. Measured on an H200 (torch 2.11, fp16, kernels timed as CUDA-graph
-    replays, eval/RESULTS.md): every sparse kernel was slower than cuBLAS's dense GEMV (semi-structured
-    0.37-0.69x on 7B shapes from M=1 to 16; ours at M=1 0.64-0.81x for 2:4, 0.35-0.47x for 2:4 + INT4),
-    so a 2:4 fp weight gains nothing there; a 4-bit one stays 4-bit (the dense path would hold 4.6x the
-    bytes) at about 0.4x dense speed."""
+    replays, eval/RESULTS.md, "GPU, third session"): no sparse kernel clearly beat cuBLAS's dense GEMV
+    (semi-structured 0.37-0.69x on 7B shapes from M=1 to 16; ours at M=1 0.87-1.05x for 2:4, 0.84-1.03x
+    for 2:4 + INT4, 0.4-0.7x at M=4-16), so a 2:4 fp weight gains nothing there; a 4-bit one stays 4-bit
+    (the dense path would hold 4.6x the bytes) at 0.92x dense decode speed at batch 1 (7B-shaped model)."""
     if device.type == "cuda":
         return "triton" if quantized else "dense"
     return "numba"

@@ -60,6 +60,7 @@ def blocks(m: int, dtype: torch.dtype, kernel: str = "2:4", block_n: int | None 
         default = Blocks(rows, *(one if rows == 1 else few if rows <= 4 else (8, 4)), False, 4)
     chosen = default._replace(**{k: v for k, v in (("block_m", block_m), ("block_n", block_n), ("steps", steps)) if v})
     # the elementwise product holds block_m·block_n·steps·COLUMNS floats: 8 warps from 64 per thread at 4 on
+    # (the one-row path holds a quarter of that plus as many partial sums; LAUNCH was swept under this rule)
     wide = not chosen.use_dot and chosen.block_m * chosen.block_n * chosen.steps * COLUMNS.value >= 64 * 4 * 32
     return chosen._replace(use_dot=chosen.use_dot and chosen.block_m >= DOT_TILE, num_warps=8 if wide else 4)
 
